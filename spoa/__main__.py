@@ -1,0 +1,3 @@
+from spoa.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,443 @@
+"""Configuration: one typed, validated object built once at start.
+
+Owns: the table of settings (environment variable = command-line flag, default, meaning), their
+parsing and validation. Every error names the setting and the bad value. Must not: read settings
+anywhere else, or hold state beyond the `Settings` it returns.
+
+Precedence: command-line flag > environment variable > default. The seed's set-up keeps working: a
+Swarm config whose content is `tasks.backend:80`, mounted at `SWARM_CONFIG_FILE`, names the service
+when `SWARM_SERVICE` is not set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+DEFAULT_RUN_DIR = "/var/run/haproxy-swarm"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the setting and the value."""
+
+
+# --------------------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """The service whose members we route to.
+
+    `tasks.backend:80` → A/AAAA records of `tasks.backend`, every member on port 80.
+    `_http._tcp.backend` → SRV records; target and port per member.
+    """
+
+    name: str
+    port: int  # 0 for SRV services: the port comes with each record
+    srv: bool = False
+
+    def __str__(self) -> str:
+        return self.name if self.srv else f"{self.name}:{self.port}"
+
+
+KeyKind = Literal["cookie", "header", "param", "src"]
+KEY_KINDS: tuple[KeyKind, ...] = ("cookie", "header", "param", "src")
+
+
+@dataclass(frozen=True, slots=True)
+class KeySource:
+    """One element of the sticky key chain, e.g. `cookie:SWARMID`, `header:X-User`, `src`."""
+
+    kind: KeyKind
+    name: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}" if self.name else self.kind
+
+
+# --------------------------------------------------------------------------- parsers
+
+_TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")  # RFC 7230 token, bounded
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
+
+
+def parse_port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"port must be 1-65535, got {text!r}")
+    return int(text)
+
+
+def parse_host_port(text: str, default_port: int | None = None) -> HostPort:
+    """`HOST:PORT`, `[V6]:PORT`, or `HOST` when a default port exists. `*` means all IPv4."""
+    text = text.strip()
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep:
+            raise ValueError(f"missing ']' in {text!r}")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"expected ':PORT' after ']' in {text!r}")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:  # a bare IPv6 address
+        host, port_text = text, ""
+    else:
+        host, port_text = text, ""
+    if host == "*":
+        host = "0.0.0.0"
+    if not host:
+        raise ValueError(f"missing host in {text!r}")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"expected HOST:PORT, got {text!r}")
+        return HostPort(host, default_port)
+    return HostPort(host, parse_port(port_text))
+
+
+def parse_service(text: str) -> ServiceSpec:
+    text = text.strip()
+    if not text:
+        raise ValueError("empty service; expected NAME:PORT such as tasks.backend:80")
+    if text.startswith("_"):
+        if ":" in text:
+            raise ValueError(f"an SRV service carries its ports in DNS; drop ':PORT' from {text!r}")
+        if not _HOSTNAME.match(text) or text.count(".") < 2:
+            raise ValueError(f"expected an SRV name such as _http._tcp.backend, got {text!r}")
+        return ServiceSpec(text.rstrip("."), 0, srv=True)
+    name, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"expected NAME:PORT such as tasks.backend:80, got {text!r}")
+    if not _HOSTNAME.match(name):
+        raise ValueError(f"invalid DNS name {name!r}")
+    return ServiceSpec(name.rstrip("."), parse_port(port_text))
+
+
+def parse_sticky_key(text: str) -> tuple[KeySource, ...]:
+    """`cookie:SWARMID,header:X-User,param:uid,src`: first present element wins.
+
+    The SPOE message carries one slot per kind besides the agent's own cookie, so the chain holds
+    at most one `header:`, one `param:` and one `cookie:` other than the sticky cookie.
+    """
+    chain: list[KeySource] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            raise ValueError(f"empty element in {text!r}")
+        kind, _, name = item.partition(":")
+        kind = kind.strip().lower()
+        name = name.strip()
+        if kind not in KEY_KINDS:
+            raise ValueError(f"unknown key kind {kind!r} in {item!r}; expected one of {', '.join(KEY_KINDS)}")
+        if kind == "src":
+            if name:
+                raise ValueError(f"'src' takes no name, got {item!r}")
+        elif not _TOKEN.match(name):
+            raise ValueError(f"{kind!r} needs a name made of token characters, got {item!r}")
+        source = KeySource(kind, name)  # type: ignore[arg-type]
+        if source in chain:
+            raise ValueError(f"{item!r} appears twice")
+        chain.append(source)
+    return tuple(chain)
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value <= 86400:
+        raise ValueError(f"must be > 0 and <= 86400 seconds, got {text!r}")
+    return value
+
+
+def parse_non_negative_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ValueError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def parse_positive_int(text: str) -> int:
+    value = parse_non_negative_int(text)
+    if value == 0:
+        raise ValueError(f"expected a whole number > 0, got {text!r}")
+    return value
+
+
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def parse_path_or_empty(text: str) -> str:
+    if text and not text.startswith("/"):
+        raise ValueError(f"expected an absolute path starting with '/', got {text!r}")
+    if any(c.isspace() for c in text):
+        raise ValueError(f"must not contain white space, got {text!r}")
+    return text
+
+
+def nameserver_from_resolv_conf(path: str = "/etc/resolv.conf") -> HostPort:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    ipaddress.ip_address(parts[1].split("%")[0])
+                    return HostPort(parts[1], 53)
+    except (OSError, ValueError):
+        pass
+    return HostPort("127.0.0.1", 53)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the agent and `run` need, validated."""
+
+    service: ServiceSpec
+    config_file: str = "/my-config"
+    nameserver: HostPort = field(default_factory=nameserver_from_resolv_conf)
+    refresh: float = 2.0
+    dns_timeout: float = 1.0
+    member_grace: float = 10.0
+    sticky_key: tuple[KeySource, ...] = (KeySource("cookie", "SWARMID"), KeySource("src"))
+    sticky_cookie: str = "SWARMID"
+    cookie_secret: str = ""
+    cookie_max_age: int = 0
+    listen: HostPort = HostPort("127.0.0.1", 12345)
+    metrics_listen: HostPort = HostPort("0.0.0.0", 9101)
+    run_dir: str = DEFAULT_RUN_DIR
+    haproxy_socket: str = ""  # "" → <run_dir>/admin.sock
+    haproxy_backend: str = "be_app"
+    haproxy_config: str = ""  # "" → the haproxy.cfg shipped beside the package
+    check_path: str = ""  # "" → TCP connect checks
+    drain_timeout: float = 30.0
+    max_connections: int = 1000
+    log_level: str = "info"
+    log_format: str = "text"
+
+    @property
+    def admin_socket(self) -> str:
+        return self.haproxy_socket or os.path.join(self.run_dir, "admin.sock")
+
+    @property
+    def cookie_map(self) -> str:
+        """The HAProxy map file (cookie value → server name) the agent keeps current."""
+        return os.path.join(self.run_dir, "cookies.map")
+
+    @property
+    def issues_cookie(self) -> bool:
+        """True when the chain names the sticky cookie: the agent then issues it."""
+        return KeySource("cookie", self.sticky_cookie) in self.sticky_key
+
+    def haproxy_env(self) -> dict[str, str]:
+        """The environment variables the shipped haproxy.cfg and spoe.conf read."""
+        env = {
+            "RUN_DIR": self.run_dir,
+            "HAPROXY_SOCKET": self.admin_socket,
+            "AGENT_ADDR": str(self.listen),
+            "DNS_NAMESERVER": str(self.nameserver),
+            "SWARM_HOSTNAME": self.service.name,
+            "SWARM_PORT": str(self.service.port or 80),
+            "STICKY_COOKIE": self.sticky_cookie,
+            "COOKIE_MAP": self.cookie_map,
+        }
+        # The SPOE message has one slot per key kind; unused slots fetch a name nobody sends.
+        unused = "X-Haproxy-Swarm-Unused"
+        env["KEY_COOKIE"] = env["KEY_HEADER"] = env["KEY_PARAM"] = unused
+        for source in self.sticky_key:
+            if source.kind == "cookie" and source.name != self.sticky_cookie:
+                env["KEY_COOKIE"] = source.name
+            elif source.kind == "header":
+                env["KEY_HEADER"] = source.name
+            elif source.kind == "param":
+                env["KEY_PARAM"] = source.name
+        return env
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One row of the settings table: env var = flag, default and meaning (for --help and docs)."""
+
+    attr: str
+    env: str
+    flag: str
+    parse: Callable[[str], Any]
+    help: str
+    default_text: str
+
+
+def _host_port(default_port: int | None = None) -> Callable[[str], HostPort]:
+    return lambda text: parse_host_port(text, default_port)
+
+
+def _sticky_cookie(text: str) -> str:
+    if not _TOKEN.match(text):
+        raise ValueError(f"expected a cookie name made of token characters, got {text!r}")
+    return text
+
+
+def _backend_name(text: str) -> str:
+    if not re.match(r"^[A-Za-z0-9_.:-]{1,64}$", text):
+        raise ValueError(f"expected an HAProxy backend name ([A-Za-z0-9_.:-]), got {text!r}")
+    return text
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("service", "SWARM_SERVICE", "--service", parse_service,
+           "service to route to: NAME:PORT (A/AAAA) or _svc._proto.NAME (SRV)",
+           "content of SWARM_CONFIG_FILE"),
+    Option("config_file", "SWARM_CONFIG_FILE", "--config-file", str,
+           "file holding the service (the seed's Swarm config)", "/my-config"),
+    Option("nameserver", "DNS_NAMESERVER", "--nameserver", _host_port(53),
+           "DNS server HOST[:PORT]", "first nameserver of /etc/resolv.conf"),
+    Option("refresh", "DNS_REFRESH", "--refresh", parse_seconds,
+           "seconds between DNS polls (record TTLs are ignored)", "2"),
+    Option("dns_timeout", "DNS_TIMEOUT", "--dns-timeout", parse_seconds,
+           "seconds before one DNS query counts as failed", "1"),
+    Option("member_grace", "MEMBER_GRACE", "--member-grace", parse_seconds,
+           "seconds a member may be missing from DNS before it is removed", "10"),
+    Option("sticky_key", "STICKY_KEY", "--sticky-key", parse_sticky_key,
+           "sticky key chain, first present wins: cookie:NAME, header:NAME, param:NAME, src",
+           "cookie:SWARMID,src"),
+    Option("sticky_cookie", "STICKY_COOKIE", "--sticky-cookie", _sticky_cookie,
+           "name of the cookie the agent issues (when the chain names it)", "SWARMID"),
+    Option("cookie_secret", "COOKIE_SECRET", "--cookie-secret", str,
+           "secret mixed into sticky cookie values; the same on every replica", "(empty)"),
+    Option("cookie_max_age", "COOKIE_MAX_AGE", "--cookie-max-age", parse_non_negative_int,
+           "Max-Age of the sticky cookie in seconds; 0 = a browser-session cookie", "0"),
+    Option("listen", "AGENT_LISTEN", "--listen", _host_port(),
+           "SPOP listen address (no authentication: keep it on loopback)", "127.0.0.1:12345"),
+    Option("metrics_listen", "METRICS_LISTEN", "--metrics-listen", _host_port(),
+           "address of /metrics, /healthz, /readyz", "0.0.0.0:9101"),
+    Option("run_dir", "RUN_DIR", "--run-dir", parse_path_or_empty,
+           "directory for sockets, pid and map files", DEFAULT_RUN_DIR),
+    Option("haproxy_socket", "HAPROXY_SOCKET", "--haproxy-socket", parse_path_or_empty,
+           "HAProxy admin socket", "$RUN_DIR/admin.sock"),
+    Option("haproxy_backend", "HAPROXY_BACKEND", "--backend", _backend_name,
+           "HAProxy backend that holds the service's servers", "be_app"),
+    Option("haproxy_config", "HAPROXY_CONFIG", "--haproxy-config", parse_path_or_empty,
+           "haproxy.cfg for `run` (the shipped one by default)", "the shipped haproxy.cfg"),
+    Option("check_path", "CHECK_PATH", "--check-path", parse_path_or_empty,
+           "HTTP health-check path for members; empty = TCP connect check", "(empty)"),
+    Option("drain_timeout", "DRAIN_TIMEOUT", "--drain-timeout", parse_seconds,
+           "seconds a removed member drains before it is deleted", "30"),
+    Option("max_connections", "MAX_CONNECTIONS", "--max-connections", parse_positive_int,
+           "SPOP connections at most; the oldest idle one is closed first", "1000"),
+    Option("log_level", "LOG_LEVEL", "--log-level", parse_choice("debug", "info", "warning", "error"),
+           "log level", "info"),
+    Option("log_format", "LOG_FORMAT", "--log-format", parse_choice("text", "json"),
+           "log format", "text"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per setting; values stay strings until `load_settings` validates them."""
+    for opt in OPTIONS:
+        parser.add_argument(opt.flag, dest=opt.attr, default=None, metavar=opt.env,
+                            help=f"{opt.help} [env {opt.env}, default {opt.default_text}]")
+
+
+def _read_service_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    except OSError as e:
+        raise ConfigError(
+            f"SWARM_SERVICE is not set and SWARM_CONFIG_FILE ({path}) cannot be read: {e.strerror}"
+        ) from None
+    if len(lines) != 1:
+        raise ConfigError(
+            f"SWARM_CONFIG_FILE ({path}) must hold exactly one service such as tasks.backend:80, "
+            f"found {len(lines)} lines"
+        )
+    return lines[0]
+
+
+def load_settings(flags: Mapping[str, str | None] | argparse.Namespace | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Build and validate the settings from flags (by attribute name) and the environment."""
+    if isinstance(flags, argparse.Namespace):
+        flags = vars(flags)
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = flags.get(opt.attr)
+        if raw is None:
+            raw = environ.get(opt.env)
+        if raw is None:
+            continue
+        try:
+            values[opt.attr] = opt.parse(raw)
+        except ValueError as e:
+            raise ConfigError(f"{opt.env} ({opt.flag}): invalid value {raw!r}: {e}") from None
+    if "service" not in values:
+        path = values.get("config_file", "/my-config")
+        raw = _read_service_file(path)
+        try:
+            values["service"] = parse_service(raw)
+        except ValueError as e:
+            raise ConfigError(f"SWARM_CONFIG_FILE ({path}): invalid service {raw!r}: {e}") from None
+    settings = Settings(**values)
+    _check_consistency(settings)
+    return settings
+
+
+def _check_consistency(s: Settings) -> None:
+    counts: dict[str, int] = {}
+    for source in s.sticky_key:
+        if source.kind == "cookie" and source.name == s.sticky_cookie:
+            continue
+        counts[source.kind] = counts.get(source.kind, 0) + 1
+    for kind, n in counts.items():
+        if kind != "src" and n > 1:
+            raise ConfigError(
+                f"STICKY_KEY (--sticky-key): at most one '{kind}:' element besides the sticky cookie "
+                f"{s.sticky_cookie!r}, got {n}"
+            )
+    if s.listen == s.metrics_listen:
+        raise ConfigError(f"AGENT_LISTEN and METRICS_LISTEN are both {s.listen}")
+
+
+def settings_table() -> Sequence[tuple[str, str, str, str]]:
+    """(env, flag, default, meaning) rows, for docs and `--help`."""
+    return [(o.env, o.flag, o.default_text, o.help) for o in OPTIONS]
+
+
+__all__ = [
+    "OPTIONS",
+    "ConfigError",
+    "HostPort",
+    "KeySource",
+    "ServiceSpec",
+    "Settings",
+    "add_arguments",
+    "load_settings",
+    "parse_host_port",
+    "parse_service",
+    "parse_sticky_key",
+    "settings_table",
+]
+assert {f.name for f in fields(Settings)} == {o.attr for o in OPTIONS}
