@@ -147,7 +147,7 @@ def parse_sticky_key(text: str) -> tuple[KeySource, ...]:
                 raise ValueError(f"'src' takes no name, got {item!r}")
         elif not _TOKEN.match(name):
             raise ValueError(f"{kind!r} needs a name made of token characters, got {item!r}")
-        source = KeySource(kind, name)  # type: ignore[arg-type]
+        source = KeySource(kind, name)
         if source in chain:
             raise ValueError(f"{item!r} appears twice")
         chain.append(source)

@@ -1,0 +1,159 @@
+"""A real HAProxy with the shipped haproxy.cfg, as a child process (for `run`, the demo and tests).
+
+Owns: locating the shipped config, starting HAProxy in master-worker mode with a given environment,
+waiting until its admin socket answers, reloading it the way an operator does (SIGUSR2 to the
+master) and stopping it without leaving a process behind. Must not: change the config; everything
+varies through environment variables.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+_INSTALLED_CONFIG = "/etc/haproxy-swarm/haproxy.cfg"
+
+
+def shipped_config() -> str:
+    """The shipped haproxy.cfg: beside the source tree when run from a checkout, else installed."""
+    here = Path(__file__).resolve().parents[2] / "haproxy.cfg"
+    return str(here) if here.is_file() else _INSTALLED_CONFIG
+
+
+def admin_command(socket_path: str, command: str, timeout: float = 5.0) -> str:
+    """Send one command on the admin socket and return the whole answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(socket_path)
+        s.sendall(command.encode() + b"\n")
+        chunks = []
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def show_info(socket_path: str) -> dict[str, str]:
+    info = {}
+    for line in admin_command(socket_path, "show info").splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            info[key.strip()] = value.strip()
+    return info
+
+
+class HAProxyError(RuntimeError):
+    pass
+
+
+class HAProxyProcess:
+    """`haproxy -W -db -f <config>` with `env` on top of this process's environment."""
+
+    def __init__(self, env: Mapping[str, str], config: str | None = None,
+                 binary: str | None = None, log_path: str | None = None) -> None:
+        self.config = config or shipped_config()
+        self.env = dict(os.environ) | dict(env)
+        self.binary = binary or shutil.which("haproxy") or "haproxy"
+        self.socket_path = self.env.get("HAPROXY_SOCKET") or os.path.join(
+            self.env.get("RUN_DIR", "/var/run/haproxy-swarm"), "admin.sock")
+        # HAProxy logs to stderr; a file (not an unread pipe) so it can never block on a full pipe.
+        self.log_path = log_path or os.path.join(self.env.get("RUN_DIR", "/var/run/haproxy-swarm"),
+                                                 "haproxy.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_file: int | None = None
+
+    def prepare(self) -> None:
+        """Create the run directory and the (empty) cookie map HAProxy expects at start."""
+        run_dir = self.env.get("RUN_DIR", "/var/run/haproxy-swarm")
+        os.makedirs(run_dir, exist_ok=True)
+        cookie_map = self.env.get("COOKIE_MAP") or os.path.join(run_dir, "cookies.map")
+        if not os.path.exists(cookie_map):
+            Path(cookie_map).touch()
+
+    def check(self) -> None:
+        """`haproxy -c`: raise HAProxyError with HAProxy's own message when the config is refused."""
+        self.prepare()
+        res = subprocess.run([self.binary, "-c", "-q", "-f", self.config], env=self.env,
+                             capture_output=True, timeout=30)
+        if res.returncode != 0:
+            raise HAProxyError(res.stderr.decode(errors="replace").strip() or "haproxy -c failed")
+
+    def start(self, timeout: float = 15.0) -> HAProxyProcess:
+        self.prepare()
+        self._log_file = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        stderr = self._log_file
+        self.proc = subprocess.Popen(
+            [self.binary, "-W", "-db", "-f", self.config], env=self.env,
+            stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise HAProxyError(f"haproxy exited at start (code {self.proc.returncode}): {self._tail()}")
+            try:
+                show_info(self.socket_path)
+                return self
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise HAProxyError(f"haproxy did not answer on {self.socket_path} within {timeout}s")
+
+    def _tail(self) -> str:
+        if os.path.exists(self.log_path):
+            return Path(self.log_path).read_text(errors="replace").strip()[-2000:]
+        return ""
+
+    @property
+    def pid(self) -> int:
+        """The master's pid."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    def worker_pid(self) -> int:
+        return int(show_info(self.socket_path)["Pid"])
+
+    def command(self, command: str) -> str:
+        return admin_command(self.socket_path, command)
+
+    def reload(self, timeout: float = 15.0) -> int:
+        """Reload like an operator (SIGUSR2 to the master); return the new worker's pid."""
+        old = self.worker_pid()
+        os.kill(self.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                pid = self.worker_pid()
+                if pid != old:
+                    return pid
+            except (OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.02)
+        raise HAProxyError(f"haproxy did not reload within {timeout}s")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        if self._log_file is not None:
+            os.close(self._log_file)
+            self._log_file = None
+
+    def __enter__(self) -> HAProxyProcess:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
