@@ -258,8 +258,8 @@ class Settings:
             "HAPROXY_SOCKET": self.admin_socket,
             "AGENT_ADDR": str(self.listen),
             "DNS_NAMESERVER": str(self.nameserver),
-            "SWARM_HOSTNAME": self.service.name,
-            "SWARM_PORT": str(self.service.port or 80),
+            "SWARM_DNS_TARGET": str(self.service),
+            "CHECK_PATH": self.check_path,
             "STICKY_COOKIE": self.sticky_cookie,
             "COOKIE_MAP": self.cookie_map,
         }
@@ -414,11 +414,26 @@ def _check_consistency(s: Settings) -> None:
     for kind, n in counts.items():
         if kind != "src" and n > 1:
             raise ConfigError(
-                f"STICKY_KEY (--sticky-key): at most one '{kind}:' element besides the sticky cookie "
-                f"{s.sticky_cookie!r}, got {n}"
+                f"STICKY_KEY (--sticky-key): invalid value {','.join(map(str, s.sticky_key))!r}: at most one "
+                f"'{kind}:' element besides the sticky cookie {s.sticky_cookie!r} (the SPOE message has one slot)"
             )
     if s.listen == s.metrics_listen:
         raise ConfigError(f"AGENT_LISTEN and METRICS_LISTEN are both {s.listen}")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as environment variables, so a child process (`run` → agent) gets the same ones."""
+    env: dict[str, str] = {}
+    for opt in OPTIONS:
+        value = getattr(settings, opt.attr)
+        if isinstance(value, tuple):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, float):
+            text = repr(value)
+        else:
+            text = str(value)
+        env[opt.env] = text
+    return env
 
 
 def settings_table() -> Sequence[tuple[str, str, str, str]]:
@@ -438,6 +453,7 @@ __all__ = [
     "parse_host_port",
     "parse_service",
     "parse_sticky_key",
+    "settings_env",
     "settings_table",
 ]
 assert {f.name for f in fields(Settings)} == {o.attr for o in OPTIONS}

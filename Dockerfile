@@ -1,0 +1,31 @@
+# haproxy-swarm: HAProxy (current LTS, official image) + the SPOE agent, supervised by `haproxy-swarm run`.
+ARG HAPROXY_IMAGE=haproxy:3.4
+FROM ${HAPROXY_IMAGE}
+
+USER root
+# python3 for the agent, tini as init (signals reach both processes, zombies are reaped).
+# Versions come from the base image's Debian release; pinning them would break on its next update.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv tini \
+    && rm -rf /var/lib/apt/lists/*
+
+COPY pyproject.toml README.md /src/
+COPY spoa /src/spoa
+# hadolint ignore=DL3013
+RUN python3 -m venv /opt/haproxy-swarm \
+    && /opt/haproxy-swarm/bin/pip install --no-cache-dir "/src[fast]" \
+    && rm -rf /src
+COPY haproxy.cfg spoe.conf /etc/haproxy-swarm/
+RUN mkdir -p /var/run/haproxy-swarm && chown haproxy:haproxy /var/run/haproxy-swarm
+
+ENV PATH=/opt/haproxy-swarm/bin:$PATH \
+    HAPROXY_CONFIG=/etc/haproxy-swarm/haproxy.cfg \
+    PYTHONUNBUFFERED=1
+
+USER haproxy
+EXPOSE 8099 8888 9101
+HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
+    CMD ["haproxy-swarm", "health", "--url", "http://127.0.0.1:9101/readyz"]
+ENTRYPOINT ["/usr/bin/tini", "--"]
+CMD ["haproxy-swarm", "run"]

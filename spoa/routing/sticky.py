@@ -1,0 +1,228 @@
+"""The router: one decision per NOTIFY, computed from the key chain against the current ring.
+
+The hot path (`Router.actions`) does a few dict lookups, one hash and one ring lookup, and returns
+bytes that were encoded when the members last changed. Counters are plain integers, read by the
+metrics collector at scrape time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import TTLCache
+
+from spoa.config import KeySource, Settings
+from spoa.member import Member
+from spoa.protocol import Scope, encode_set_var
+from spoa.ring import Ring
+
+# Where a decision came from; the index is the position in the counters and in Target.actions.
+SOURCES: tuple[str, ...] = ("cookie", "header", "param", "src", "new", "none")
+COOKIE, HEADER, PARAM, SRC, NEW, NONE = range(len(SOURCES))
+
+# The NOTIFY argument carrying each kind of key (see spoe.conf).
+_ARG_FOR_KIND = {"cookie": "cookie", "header": "header", "param": "param", "src": "src"}
+_SOURCE_FOR_KIND = {"cookie": COOKIE, "header": HEADER, "param": PARAM, "src": SRC}
+
+# Hostile clients may send huge keys; hashing a bounded prefix keeps the cost flat and still
+# spreads keys (two keys that share their first KEY_LIMIT bytes simply go to the same member).
+KEY_LIMIT = 1024
+# A cookie value we issued is exactly this many hex characters.
+COOKIE_VALUE_LENGTH = 20
+
+
+def cookie_value(member: Member, secret: str) -> str:
+    """The sticky cookie's value for a member: opaque, stable, the same on every replica."""
+    digest = hmac.new(secret.encode(), member.key, hashlib.sha256).hexdigest()
+    return digest[:COOKIE_VALUE_LENGTH]
+
+
+def key_bytes(value: Any) -> bytes | None:
+    """A NOTIFY argument as hashable key bytes, or None when the sample is missing or empty."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, bytes | bytearray | memoryview):
+        b = bytes(value[:KEY_LIMIT])
+    elif isinstance(value, str):
+        b = value[:KEY_LIMIT].encode("utf-8", "surrogateescape")
+    elif isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        b = value.packed
+    else:
+        b = str(value).encode()
+    return b or None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the router decided for one request (the hot path returns its encoded form instead)."""
+
+    member: Member | None
+    source: str
+    set_cookie: str | None = None
+
+
+class Target:
+    """A member that can receive requests, with every ACK it may need pre-encoded."""
+
+    __slots__ = ("cookie", "issue", "issue_secure", "member", "plain", "set_cookie", "set_cookie_secure")
+
+    def __init__(self, member: Member, cookie: str, set_cookie: str) -> None:
+        self.member = member
+        self.cookie = cookie
+        self.set_cookie = set_cookie
+        self.set_cookie_secure = set_cookie + "; Secure"
+        base = (encode_set_var(Scope.TRANSACTION, "server", member.server_name)
+                + encode_set_var(Scope.TRANSACTION, "addr", member.address))
+        tags = [encode_set_var(Scope.TRANSACTION, "source", s) for s in SOURCES]
+        self.plain = tuple(base + tag for tag in tags)
+        self.issue = tuple(base + tag + encode_set_var(Scope.TRANSACTION, "set_cookie", self.set_cookie)
+                           for tag in tags)
+        self.issue_secure = tuple(
+            base + tag + encode_set_var(Scope.TRANSACTION, "set_cookie", self.set_cookie_secure) for tag in tags)
+
+
+NO_DECISION = encode_set_var(Scope.TRANSACTION, "source", "none")
+
+
+class Router:
+    """Decides the target of each request from the key chain, over the members that are UP.
+
+    `update(members)` swaps in a new ring when membership or health changes; the agent calls it from
+    its control loop. The event loop is single-threaded, so a swap is atomic for the hot path.
+    """
+
+    def __init__(self, settings: Settings, members: Iterable[Member] = ()) -> None:
+        self.chain: tuple[KeySource, ...] = settings.sticky_key
+        self.cookie_name = settings.sticky_cookie
+        self.secret = settings.cookie_secret
+        self.issues_cookie = settings.issues_cookie
+        attrs = "; Path=/; HttpOnly; SameSite=Lax"
+        if settings.cookie_max_age:
+            attrs += f"; Max-Age={settings.cookie_max_age}"
+        self._cookie_attrs = attrs
+        # The chain as (argument name, source index), the sticky cookie first where it stands.
+        self._steps: tuple[tuple[str, int], ...] = tuple(
+            ("sticky", COOKIE) if s.kind == "cookie" and s.name == self.cookie_name
+            else (_ARG_FOR_KIND[s.kind], _SOURCE_FOR_KIND[s.kind])
+            for s in self.chain
+        )
+        # Counters, indexed by source; read by metrics at scrape time.
+        self.decisions = [0] * len(SOURCES)
+        self.cookies_issued = 0
+        self.cookies_rerouted = 0  # a cookie whose member left the service
+        self.cookies_invalid = 0  # a cookie we never issued (or from another secret)
+        # Cookie values of members that left recently: a returning user is "re-routed", not "invalid".
+        self._gone: TTLCache[str, Member] = TTLCache(maxsize=65536, ttl=7 * 86400)
+        self._round_robin = itertools.count()
+        self.members: frozenset[Member] = frozenset()
+        self.up: frozenset[Member] = frozenset()
+        self.ring = Ring(())
+        self._targets: dict[Member, Target] = {}
+        self._by_cookie: dict[str, Member] = {}
+        self._cookie_of: dict[Member, str] = {}
+        self._target_list: Sequence[Target] = ()
+        self.update(members)
+
+    # ------------------------------------------------------------------ control path
+
+    def cookie_value(self, member: Member) -> str:
+        return self._cookie_of.get(member) or cookie_value(member, self.secret)
+
+    def update(self, members: Iterable[Member], up: Iterable[Member] | None = None) -> None:
+        """Set the service's members, and which of them HAProxy reports UP (default: all)."""
+        members = frozenset(members)
+        up_set = members if up is None else frozenset(up) & members
+        for gone in self.members - members:
+            self._gone[self._cookie_of[gone]] = gone
+        self._cookie_of = {m: self._cookie_of.get(m) or cookie_value(m, self.secret) for m in members}
+        # Cookie values of every member, UP or not: a cookie naming a DOWN member is served
+        # elsewhere meanwhile but not re-issued, so its user returns to it once it is UP again.
+        self._by_cookie = {value: m for m, value in self._cookie_of.items()}
+        for value in self._by_cookie:
+            self._gone.pop(value, None)
+        if up_set != self.up:
+            self._targets = {m: self._targets.get(m) or self._make_target(m) for m in up_set}
+            self._target_list = sorted(self._targets.values(), key=lambda t: t.member)
+            self.ring = Ring(up_set)
+        self.members = members
+        self.up = up_set
+
+    def _make_target(self, member: Member) -> Target:
+        value = self._cookie_of[member]
+        return Target(member, value, f"{self.cookie_name}={value}{self._cookie_attrs}")
+
+    def cookie_map(self) -> dict[str, str]:
+        """Cookie value → server name for the members that are UP: the map HAProxy routes with."""
+        if not self.issues_cookie:
+            return {}
+        return {t.cookie: t.member.server_name for t in self._targets.values()}
+
+    # ------------------------------------------------------------------ hot path
+
+    def actions(self, args: Mapping[str, Any]) -> bytes:
+        """The ACK actions for one `route` message's arguments."""
+        target, source, issue = self._decide(args)
+        if target is None:
+            self.decisions[NONE] += 1
+            return NO_DECISION
+        self.decisions[source] += 1
+        if issue:
+            self.cookies_issued += 1
+            return (target.issue_secure if args.get("ssl") else target.issue)[source]
+        return target.plain[source]
+
+    def decide(self, args: Mapping[str, Any]) -> Decision:
+        """The same decision as `actions`, as an object (for tests, `status` and debugging)."""
+        target, source, issue = self._decide(args)
+        if target is None:
+            return Decision(None, SOURCES[NONE])
+        set_cookie = None
+        if issue:
+            set_cookie = target.set_cookie_secure if args.get("ssl") else target.set_cookie
+        return Decision(target.member, SOURCES[source], set_cookie)
+
+    def _decide(self, args: Mapping[str, Any]) -> tuple[Target | None, int, bool]:
+        targets = self._targets
+        if not targets:
+            return None, NONE, False
+        issue = self.issues_cookie
+        for arg, source in self._steps:
+            value = args.get(arg)
+            if value is None:
+                continue
+            if arg == "sticky":
+                text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+                known = self._by_cookie.get(text)
+                if known is not None:
+                    target = targets.get(known)
+                    if target is not None:
+                        return target, COOKIE, False
+                    # Its member is DOWN: serve elsewhere, keep the cookie for when it is back.
+                    issue = False
+                elif text in self._gone:
+                    self.cookies_rerouted += 1
+                elif text:
+                    self.cookies_invalid += 1
+                continue
+            key = key_bytes(value)
+            if key is None:
+                continue
+            member = self.ring.lookup(key)
+            return targets[member], source, issue
+        # Nothing in the chain: spread new sessions over every UP member.
+        target = self._target_list[next(self._round_robin) % len(self._target_list)]
+        return target, NEW, issue
+
+    def handle(self, messages: Sequence[Any]) -> bytes:
+        """The agent's handler: the actions for the `route` message of a NOTIFY."""
+        for message in messages:
+            if message.name == "route":
+                return self.actions(message.args)
+        self.decisions[NONE] += 1
+        return NO_DECISION

@@ -1,0 +1,113 @@
+"""Settings: flags > env > defaults; every bad value stops the start with a message naming the setting."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from spoa.config import (
+    OPTIONS,
+    ConfigError,
+    HostPort,
+    KeySource,
+    ServiceSpec,
+    load_settings,
+    parse_host_port,
+    settings_env,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_seed_config_file_names_the_service(tmp_path: Path) -> None:
+    seed = tmp_path / "my-config"
+    seed.write_text("tasks.backend:80\n")
+    s = load_settings({}, {"SWARM_CONFIG_FILE": str(seed)})
+    assert s.service == ServiceSpec("tasks.backend", 80)
+    assert s.sticky_key == (KeySource("cookie", "SWARMID"), KeySource("src"))
+    assert s.refresh == 2.0
+    assert s.listen == HostPort("127.0.0.1", 12345)
+    assert s.issues_cookie
+
+
+def test_flag_beats_env_beats_default() -> None:
+    s = load_settings({"refresh": "5"}, {"SWARM_SERVICE": "tasks.a:81", "DNS_REFRESH": "3"})
+    assert s.refresh == 5.0
+    assert load_settings({}, {"SWARM_SERVICE": "tasks.a:81", "DNS_REFRESH": "3"}).refresh == 3.0
+
+
+def test_srv_service() -> None:
+    s = load_settings({}, {"SWARM_SERVICE": "_http._tcp.backend"})
+    assert s.service == ServiceSpec("_http._tcp.backend", 0, srv=True)
+    assert s.haproxy_env()["SWARM_DNS_TARGET"] == "_http._tcp.backend"
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"SWARM_SERVICE": "tasks.backend"}, "SWARM_SERVICE"),
+        ({"SWARM_SERVICE": "tasks.backend:99999"}, "SWARM_SERVICE"),
+        ({"SWARM_SERVICE": "bad name:80"}, "SWARM_SERVICE"),
+        ({"DNS_REFRESH": "often"}, "DNS_REFRESH"),
+        ({"DNS_REFRESH": "-1"}, "DNS_REFRESH"),
+        ({"STICKY_KEY": "cookie:"}, "STICKY_KEY"),
+        ({"STICKY_KEY": "ip"}, "STICKY_KEY"),
+        ({"STICKY_KEY": "src,src"}, "STICKY_KEY"),
+        ({"STICKY_KEY": "header:A,header:B"}, "STICKY_KEY"),
+        ({"AGENT_LISTEN": "127.0.0.1"}, "AGENT_LISTEN"),
+        ({"AGENT_LISTEN": "127.0.0.1:0"}, "AGENT_LISTEN"),
+        ({"DNS_NAMESERVER": "[::1"}, "DNS_NAMESERVER"),
+        ({"RUN_DIR": "relative/dir"}, "RUN_DIR"),
+        ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
+        ({"MAX_CONNECTIONS": "0"}, "MAX_CONNECTIONS"),
+        ({"COOKIE_MAX_AGE": "soon"}, "COOKIE_MAX_AGE"),
+    ],
+)
+def test_bad_value_names_the_setting(env: dict[str, str], setting: str) -> None:
+    env = {"SWARM_SERVICE": "tasks.backend:80"} | env
+    with pytest.raises(ConfigError) as err:
+        load_settings({}, env)
+    assert setting in str(err.value)
+    assert repr(env[setting]) in str(err.value)
+
+
+def test_missing_seed_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="SWARM_CONFIG_FILE .* cannot be read"):
+        load_settings({}, {"SWARM_CONFIG_FILE": str(tmp_path / "nope")})
+
+
+def test_host_port_forms() -> None:
+    assert parse_host_port("[::1]:53") == HostPort("::1", 53)
+    assert parse_host_port("::1", 53) == HostPort("::1", 53)
+    assert parse_host_port("*:8099") == HostPort("0.0.0.0", 8099)
+    assert str(HostPort("::1", 53)) == "[::1]:53"
+
+
+def test_settings_survive_the_trip_through_the_environment() -> None:
+    s = load_settings({"sticky_key": "header:X-User,param:uid,src", "cookie_secret": "s3"},
+                      {"SWARM_SERVICE": "tasks.x:8080", "DNS_NAMESERVER": "[::1]:5353"})
+    assert load_settings({}, settings_env(s)) == s
+
+
+def test_haproxy_env_points_the_spoe_slots_at_the_chain() -> None:
+    s = load_settings({"sticky_key": "cookie:SESSION,header:X-User,param:uid,src"},
+                      {"SWARM_SERVICE": "tasks.x:8080"})
+    env = s.haproxy_env()
+    assert (env["KEY_COOKIE"], env["KEY_HEADER"], env["KEY_PARAM"]) == ("SESSION", "X-User", "uid")
+    assert env["STICKY_COOKIE"] == "SWARMID"
+    assert not s.issues_cookie
+
+
+def test_every_setting_is_documented_and_every_haproxy_variable_has_a_default() -> None:
+    guide = (ROOT / "docs" / "operator-guide.md").read_text()
+    for opt in OPTIONS:
+        assert f"`{opt.env}`" in guide and f"`{opt.flag}`" in guide, opt.env
+    cfg = (ROOT / "haproxy.cfg").read_text() + (ROOT / "spoe.conf").read_text()
+    used = set(re.findall(r"\$\{([A-Z_]+)\}", cfg))
+    preset = set(re.findall(r"^\s*presetenv\s+([A-Z_]+)", cfg, re.M))
+    optional = {"CHECK_PATH", "HAPROXY_MAXCONN"}  # guarded by `.if` in haproxy.cfg
+    assert used - preset - optional == set()
+    s = load_settings({}, {"SWARM_SERVICE": "tasks.x:8080"})
+    assert set(s.haproxy_env()) <= preset | optional
