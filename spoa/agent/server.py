@@ -1,0 +1,396 @@
+"""The asyncio SPOP server: accepts HAProxy's connections and moves bytes to and from the protocol.
+
+Owns: listening, one `spoa.protocol.Connection` per transport, calling the handler once per NOTIFY
+and writing every answer of one read in one `transport.write`, the connection limit (the least
+recently active idle connection is closed first), the read deadline of partial frames
+(slow-loris), back-pressure, and graceful shutdown. Must not: parse bytes itself, decide routes,
+log or allocate more than needed on the per-request path, or hold global state.
+
+The handler is synchronous, so every NOTIFY decoded from a read is answered before the next read:
+nothing is ever in flight between reads, and graceful shutdown only has to send AGENT-DISCONNECT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import cast
+
+from spoa.agent.handler import Handler
+from spoa.config import HostPort
+from spoa.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
+    Connection,
+    Disconnected,
+    FrameType,
+    Hello,
+    Notify,
+    Scope,
+    State,
+    Status,
+    encode_set_var,
+)
+
+log = logging.getLogger("spoa.agent")
+
+DEFAULT_ERROR_ACTIONS = encode_set_var(Scope.TRANSACTION, "agent_error", True)
+"""Answered when the handler fails: `txn.<prefix>.agent_error = true`, and no target."""
+
+_HANDLER_LOG_INTERVAL = 10.0
+
+
+class AgentObserver:
+    """Hooks for metrics. Every method is a no-op here: subclass and override what you need.
+
+    Called on the event loop thread; they must be fast and must not block. When the server has no
+    observer (the default) none of this costs anything on the per-request path.
+    """
+
+    def connection_opened(self, peer: str) -> None:
+        """A connection from HAProxy was accepted."""
+
+    def connection_closed(self, peer: str) -> None:
+        """A connection ended, for whatever reason."""
+
+    def frames_received(self, frame_type: FrameType, count: int) -> None:
+        """`count` frames of `frame_type` were received (NOTIFYs are counted per read)."""
+
+    def protocol_error(self, status: Status, message: str, peer: str) -> None:
+        """A connection was closed with AGENT-DISCONNECT(status, message) because of bad input
+        (or TIMEOUT for an overdue HELLO or partial frame)."""
+
+    def decision(self, seconds: float) -> None:
+        """One NOTIFY was decided and its ACK built in `seconds`."""
+
+    def handler_error(self, error: Exception) -> None:
+        """The handler raised or returned an unusable payload; `error_actions` were sent."""
+
+
+class _SpopProtocol(asyncio.Protocol):
+    """One HAProxy connection: bytes in → `Connection` → handler → one write out."""
+
+    __slots__ = ("conn", "last_active", "peer", "server", "timer", "timer_at", "transport")
+
+    def __init__(self, server: AgentServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.conn: Connection | None = None
+        self.peer = "?"
+        self.last_active = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at: float | None = None
+
+    # -- lifecycle
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+        server = self.server
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+        now = server.loop.time()
+        self.last_active = now
+        self.conn = Connection(now, max_frame_size=server.max_frame_size, read_timeout=server.read_timeout)
+        server.admit(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.server.forget(self)
+
+    def pause_writing(self) -> None:  # HAProxy is not reading our ACKs: stop reading its NOTIFYs
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    # -- the per-request path
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        transport = self.transport
+        assert conn is not None and transport is not None
+        server = self.server
+        now = server.loop.time()
+        self.last_active = now
+        try:
+            events = conn.receive_data(data, now)
+        except Exception as exc:  # a bug, not bad input: lose this connection only
+            log.exception("internal error decoding SPOP from %s", self.peer)
+            conn.close(Status.UNKNOWN, f"agent internal error: {type(exc).__name__}")
+            events = []
+        observer = server.observer
+        if observer is None and not conn.closed:
+            head = conn.data_to_send()
+            out = [head] if head else []
+            append = out.append
+            handler = server.handler
+            ack = conn.ack
+            for event in events:
+                if type(event) is Notify:
+                    try:
+                        append(ack(event.stream_id, event.frame_id, handler(event.messages)))
+                    except Exception as exc:
+                        append(server.failed_ack(conn, event, exc))
+            if out:
+                transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if conn.buffered or self.timer_at is not None:
+                self._rearm()
+            return
+        self._slow_path(events)
+
+    def _slow_path(self, events: list[Notify | Hello | Disconnected]) -> None:
+        """With an observer, or when the connection closes: same answers, plus hooks and teardown."""
+        conn = self.conn
+        transport = self.transport
+        assert conn is not None and transport is not None
+        server = self.server
+        observer = server.observer
+        head = b"" if conn.closed else conn.data_to_send()
+        out = [head] if head else []
+        notifies = 0
+        for event in events:
+            if isinstance(event, Notify):
+                notifies += 1
+                started = time.perf_counter() if observer is not None else 0.0
+                try:
+                    out.append(conn.ack(event.stream_id, event.frame_id, server.handler(event.messages)))
+                except Exception as exc:
+                    out.append(server.failed_ack(conn, event, exc))
+                if observer is not None:
+                    observer.decision(time.perf_counter() - started)
+            elif observer is not None:
+                kind = FrameType.HAPROXY_HELLO if isinstance(event, Hello) else FrameType.HAPROXY_DISCONNECT
+                observer.frames_received(kind, 1)
+        if observer is not None and notifies:
+            observer.frames_received(FrameType.NOTIFY, notifies)
+        if conn.closed:
+            out.append(conn.data_to_send())
+        if out:
+            transport.write(b"".join(out))
+        if conn.closed:
+            self._finish()
+        else:
+            self._rearm()
+
+    # -- timers and teardown
+
+    def _rearm(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        deadline = conn.get_timer()
+        if deadline == self.timer_at:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.timer_at = deadline
+        if deadline is not None:
+            self.timer = self.server.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        self.timer_at = None
+        conn = self.conn
+        transport = self.transport
+        if conn is None or transport is None or transport.is_closing():
+            return
+        conn.handle_timer(self.server.loop.time())
+        if conn.closed:
+            transport.write(conn.data_to_send())
+            self._finish()
+        else:
+            self._rearm()
+
+    def _finish(self) -> None:
+        """The connection is CLOSED: report why, and close the transport once the bytes are out."""
+        conn = self.conn
+        transport = self.transport
+        assert conn is not None and transport is not None
+        if conn.error is not None:
+            log.warning("SPOP connection from %s closed: %s", self.peer, conn.error)
+            if self.server.observer is not None:
+                self.server.observer.protocol_error(conn.error.status, conn.error.message, self.peer)
+        transport.close()
+
+    def shut(self, status: Status, message: str) -> None:
+        """Send AGENT-DISCONNECT(status, message) and close (shutdown, connection limit)."""
+        conn = self.conn
+        transport = self.transport
+        if conn is None or transport is None or transport.is_closing():
+            return
+        conn.close(status, message)
+        transport.write(conn.data_to_send())
+        transport.close()
+
+    @property
+    def idle(self) -> bool:
+        """Ready and holding no partial frame: nothing is lost by closing it."""
+        return self.conn is not None and self.conn.state is State.READY and not self.conn.buffered
+
+
+class AgentServer:
+    """The SPOE agent's listener. Start it inside a running event loop, next to other tasks.
+
+    `start()` binds and accepts; `close()` stops accepting and ends every connection with
+    AGENT-DISCONNECT(0); `wait_closed()` returns once every connection is gone.
+    """
+
+    def __init__(self, listen: HostPort, handler: Handler, *,
+                 max_connections: int = 1000,
+                 read_timeout: float | None = 5.0,
+                 max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 error_actions: bytes = DEFAULT_ERROR_ACTIONS,
+                 observer: AgentObserver | None = None,
+                 shutdown_timeout: float = 5.0,
+                 backlog: int = 1024) -> None:
+        """`max_connections`: when a new connection would exceed it, the least recently active
+        idle connection is closed (or, if none is idle, the new one is refused).
+        `read_timeout`: seconds allowed for the HELLO and for the rest of a partial frame.
+        `max_frame_size`: ours, offered in the HELLO negotiation (HAProxy's default is 16380).
+        `error_actions`: the ACK payload when the handler fails (must be non-empty).
+        `shutdown_timeout`: seconds `wait_closed` gives connections to flush before aborting them."""
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        if not error_actions:
+            raise ValueError("error_actions must hold at least one action")
+        self.listen = listen
+        self.handler = handler
+        self.max_connections = max_connections
+        self.read_timeout = read_timeout
+        self.max_frame_size = max_frame_size
+        self.error_actions = error_actions
+        self.observer = observer
+        self.shutdown_timeout = shutdown_timeout
+        self.backlog = backlog
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._protocols: dict[_SpopProtocol, None] = {}
+        self._closing = False
+        self._close_requested: asyncio.Event | None = None
+        self._all_gone: asyncio.Event | None = None
+        self._last_handler_log = -_HANDLER_LOG_INTERVAL
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "AgentServer.start() was not called"
+        return self._loop
+
+    @property
+    def address(self) -> HostPort:
+        """The bound address (the real port when `listen.port` is 0)."""
+        if self._server is None or not self._server.sockets:
+            return self.listen
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return HostPort(host, port)
+
+    @property
+    def connections(self) -> int:
+        return len(self._protocols)
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("AgentServer already started")
+        self._loop = asyncio.get_running_loop()
+        self._close_requested = asyncio.Event()
+        self._all_gone = asyncio.Event()
+        self._all_gone.set()
+        self._server = await self._loop.create_server(
+            lambda: _SpopProtocol(self), self.listen.host, self.listen.port,
+            reuse_address=True, backlog=self.backlog)
+        log.info("SPOE agent listening on %s", self.address)
+
+    def close(self) -> None:
+        """Graceful shutdown: stop accepting, AGENT-DISCONNECT(0) to every connection, close."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._close_requested is not None:
+            self._close_requested.set()
+        if self._server is not None:
+            self._server.close()
+        for protocol in list(self._protocols):
+            protocol.shut(Status.NORMAL, "agent shutting down")
+
+    async def wait_closed(self) -> None:
+        """Wait until `close()` was called and every connection is gone (aborting stragglers
+        after `shutdown_timeout`)."""
+        assert self._close_requested is not None and self._all_gone is not None, \
+            "AgentServer.start() was not called"
+        await self._close_requested.wait()
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._protocols:
+            try:
+                await asyncio.wait_for(self._all_gone.wait(), self.shutdown_timeout)
+            except TimeoutError:
+                for protocol in list(self._protocols):
+                    if protocol.transport is not None:
+                        protocol.transport.abort()
+                self._protocols.clear()
+
+    # -- used by the connections
+
+    def admit(self, protocol: _SpopProtocol) -> None:
+        if self._closing:
+            protocol.shut(Status.NORMAL, "agent shutting down")
+            return
+        if len(self._protocols) >= self.max_connections:
+            idle = [p for p in self._protocols if p.idle]
+            if not idle:
+                log.warning("connection limit %d reached and no connection is idle: refusing %s",
+                            self.max_connections, protocol.peer)
+                protocol.shut(Status.RESOURCE_ERROR, "too many connections")
+                return
+            victim = min(idle, key=lambda p: p.last_active)
+            log.info("connection limit %d reached: closing the least recently active %s",
+                     self.max_connections, victim.peer)
+            self.forget(victim)
+            victim.shut(Status.NORMAL, "connection limit reached")
+        self._protocols[protocol] = None
+        if self._all_gone is not None:
+            self._all_gone.clear()
+        if self.observer is not None:
+            self.observer.connection_opened(protocol.peer)
+        protocol._rearm()  # the HELLO deadline
+
+    def forget(self, protocol: _SpopProtocol) -> None:
+        if protocol in self._protocols:
+            del self._protocols[protocol]
+            if self.observer is not None:
+                self.observer.connection_closed(protocol.peer)
+        if not self._protocols and self._all_gone is not None:
+            self._all_gone.set()
+
+    def failed_ack(self, conn: Connection, event: Notify, error: Exception) -> bytes:
+        """The ACK sent when the handler raised or returned an unusable payload."""
+        if self.observer is not None:
+            self.observer.handler_error(error)
+        now = self.loop.time()
+        if now - self._last_handler_log >= _HANDLER_LOG_INTERVAL:
+            self._last_handler_log = now
+            log.error("SPOE handler failed (answering with error_actions; logged at most every %.0f s)",
+                      _HANDLER_LOG_INTERVAL, exc_info=error)
+        return conn.ack(event.stream_id, event.frame_id, self.error_actions)
+
+
+async def serve(listen: HostPort, handler: Handler, *, signals: bool = True, **options: object) -> None:
+    """Run an `AgentServer` until SIGTERM/SIGINT (when `signals`) or cancellation, then shut down
+    gracefully. `options` are `AgentServer`'s keyword arguments."""
+    from spoa.agent.loop import install_signal_handlers
+
+    server = AgentServer(listen, handler, **options)  # type: ignore[arg-type]
+    await server.start()
+    remove: Callable[[], None] = install_signal_handlers(server.close) if signals else (lambda: None)
+    try:
+        await server.wait_closed()
+    finally:
+        remove()
+        server.close()
+        await server.wait_closed()
