@@ -1,30 +1,87 @@
-"""Command line: `haproxy-swarm agent|run|demo|status`. Parses flags, builds Settings, dispatches."""
+"""Command line: `haproxy-swarm agent|run|demo|status|health`.
+
+Owns: parsing flags, building the one `Settings` object, setting up logs and dispatching. A bad
+setting stops here with a message naming it (exit code 2). Must not: hold logic of its own.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 
 from spoa import __version__
-from spoa.config import ConfigError, add_arguments, load_settings
+from spoa.config import ConfigError, Settings, add_arguments, load_settings
+from spoa.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="haproxy-swarm", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="haproxy-swarm",
+        description="Sticky, reload-free HAProxy routing to the members of a DNS-discovered service.")
     parser.add_argument("--version", action="version", version=f"haproxy-swarm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    agent = sub.add_parser("agent", help="run the SPOE agent")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    agent = sub.add_parser("agent", help="run the SPOE agent (DNS → ring → decisions, HAProxy servers)")
     add_arguments(agent)
+    run = sub.add_parser("run", help="run HAProxy (the shipped config) and the agent together, supervised")
+    add_arguments(run)
+
+    demo = sub.add_parser("demo", help="the local demo: real HAProxy, DNS and backends, a scripted scale-up/down")
+    demo.add_argument("--traffic-port", type=int, default=8099)
+    demo.add_argument("--stats-port", type=int, default=8888)
+    demo.add_argument("--metrics-port", type=int, default=9101)
+    demo.add_argument("--no-wait", action="store_true", help="stop after the walk-through instead of waiting for Ctrl-C")
+
+    status = sub.add_parser("status", help="members, their health and share of the ring, for a running instance")
+    status.add_argument("--metrics", default="http://127.0.0.1:9101", help="the agent's metrics base URL")
+    status.add_argument("--haproxy-socket", default=None, help="HAProxy admin socket [env HAPROXY_SOCKET]")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    health = sub.add_parser("health", help="exit 0 when URL answers 200 (the image's HEALTHCHECK)")
+    health.add_argument("--url", default="http://127.0.0.1:9101/readyz")
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _settings(args: argparse.Namespace) -> Settings | None:
     try:
         settings = load_settings(args)
     except ConfigError as e:
         print(f"haproxy-swarm: configuration error: {e}", file=sys.stderr)
-        return 2
-    print(settings)
-    return 0
+        return None
+    setup_logging(settings.log_level, settings.log_format)
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("agent", "run"):
+        settings = _settings(args)
+        if settings is None:
+            return 2
+        if args.command == "agent":
+            from spoa.app import run_agent
+
+            return run_agent(settings)
+        from spoa.supervisor import run
+
+        return run(settings)
+    if args.command == "demo":
+        from spoa.demo import DemoPorts
+        from spoa.demo import main as demo_main
+
+        return demo_main(DemoPorts(args.traffic_port, args.stats_port, args.metrics_port), wait=not args.no_wait)
+    if args.command == "status":
+        from spoa.status import main as status_main
+
+        return status_main(args.metrics, args.haproxy_socket, as_json=args.json)
+    if args.command == "health":
+        try:
+            with urllib.request.urlopen(args.url, timeout=3) as resp:
+                return 0 if resp.status == 200 else 1
+        except (urllib.error.URLError, OSError) as e:
+            print(f"haproxy-swarm health: {args.url}: {e}", file=sys.stderr)
+            return 1
+    return 2

@@ -292,6 +292,18 @@ def _host_port(default_port: int | None = None) -> Callable[[str], HostPort]:
     return lambda text: parse_host_port(text, default_port)
 
 
+def _ip_port(default_port: int) -> Callable[[str], HostPort]:
+    def parse(text: str) -> HostPort:
+        hp = parse_host_port(text, default_port)
+        try:
+            ipaddress.ip_address(hp.host)
+        except ValueError:
+            raise ValueError(f"expected an IP address (a DNS server is not looked up by name), got {text!r}") from None
+        return hp
+
+    return parse
+
+
 def _sticky_cookie(text: str) -> str:
     if not _TOKEN.match(text):
         raise ValueError(f"expected a cookie name made of token characters, got {text!r}")
@@ -310,7 +322,7 @@ OPTIONS: tuple[Option, ...] = (
            "content of SWARM_CONFIG_FILE"),
     Option("config_file", "SWARM_CONFIG_FILE", "--config-file", str,
            "file holding the service (the seed's Swarm config)", "/my-config"),
-    Option("nameserver", "DNS_NAMESERVER", "--nameserver", _host_port(53),
+    Option("nameserver", "DNS_NAMESERVER", "--nameserver", _ip_port(53),
            "DNS server HOST[:PORT]", "first nameserver of /etc/resolv.conf"),
     Option("refresh", "DNS_REFRESH", "--refresh", parse_seconds,
            "seconds between DNS polls (record TTLs are ignored)", "2"),
