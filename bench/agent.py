@@ -8,6 +8,8 @@
     .venv/bin/python bench/agent.py                # both
     .venv/bin/python bench/agent.py --codec        # 1 only
     .venv/bin/python bench/agent.py --seconds 10 --connections 8 --inflight 20
+    .venv/bin/python bench/agent.py --asyncio      # the agent on asyncio's loop instead of uvloop
+    .venv/bin/python bench/agent.py --observer     # with metrics hooks attached
 
 The NOTIFY is shaped like the routing message: a 32-byte sticky cookie, three absent (NULL) key
 slots and the client's IPv4 address. The target for the finished agent is ≥ 50,000 decisions/s on
@@ -29,10 +31,12 @@ from typing import cast
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from spoa.agent import AgentServer, fixed_handler, new_event_loop, uses_uvloop
+from spoa.agent import AgentObserver, AgentServer, fixed_handler, new_event_loop, uses_uvloop
 from spoa.config import HostPort
 from spoa.protocol import (
     Connection,
+    FrameType,
+    Message,
     encode_haproxy_hello,
     encode_message,
     encode_notify,
@@ -89,16 +93,40 @@ def bench_codec(seconds: float) -> float:
 # --------------------------------------------------------------------------- 2. round trips
 
 
-def agent_process(pipe: Pipe, cpu: int) -> None:
+class _CountingObserver(AgentObserver):
+    """Stands in for metrics: a counter per frame type and a bucketed latency count."""
+
+    def __init__(self) -> None:
+        self.frames: dict[FrameType, int] = {}
+        self.buckets = [0] * 8
+
+    def frames_received(self, frame_type: FrameType, count: int) -> None:
+        self.frames[frame_type] = self.frames.get(frame_type, 0) + count
+
+    def decision(self, seconds: float) -> None:
+        self.buckets[min(7, int(seconds * 1e5))] += 1
+
+
+def agent_process(pipe: Pipe, cpu: int, stdlib_loop: bool, observed: bool) -> None:
     where = pin(cpu)
-    loop = new_event_loop()
+    loop = asyncio.new_event_loop() if stdlib_loop else new_event_loop()
     asyncio.set_event_loop(loop)
 
+    decided = [0]
+    answer = fixed_handler(TARGET)
+
+    def handler(messages: list[Message]) -> bytes:
+        decided[0] += 1
+        return answer(messages)
+
     async def main() -> None:
-        server = AgentServer(HostPort("127.0.0.1", 0), fixed_handler(TARGET), read_timeout=None)
+        server = AgentServer(HostPort("127.0.0.1", 0), handler, read_timeout=None,
+                             observer=_CountingObserver() if observed else None)
         await server.start()
         pipe.send((server.address.port, where, uses_uvloop(loop)))
+        cpu_started = time.process_time()
         await loop.run_in_executor(None, pipe.recv)  # until the parent says stop
+        pipe.send((decided[0], time.process_time() - cpu_started))
         server.close()
         await server.wait_closed()
 
@@ -184,10 +212,11 @@ def client_process(port: int, cpu: int, connections: int, inflight: int, seconds
     loop.close()
 
 
-def bench_round_trips(seconds: float, connections: int, inflight: int) -> float:
+def bench_round_trips(seconds: float, connections: int, inflight: int, stdlib_loop: bool = False,
+                      observed: bool = False) -> float:
     ctx = multiprocessing.get_context("spawn")
     agent_pipe, agent_end = ctx.Pipe()
-    agent = ctx.Process(target=agent_process, args=(agent_end, 0), daemon=True)
+    agent = ctx.Process(target=agent_process, args=(agent_end, 0, stdlib_loop, observed), daemon=True)
     agent.start()
     try:
         port, where, uvloop_used = agent_pipe.recv()
@@ -198,6 +227,7 @@ def bench_round_trips(seconds: float, connections: int, inflight: int) -> float:
         done, elapsed = client_pipe.recv()
         client.join(10)
         agent_pipe.send("stop")
+        decided, agent_cpu = agent_pipe.recv()
         agent.join(10)
     finally:
         if agent.is_alive():
@@ -205,8 +235,11 @@ def bench_round_trips(seconds: float, connections: int, inflight: int) -> float:
             agent.join()
     rate = float(done) / float(elapsed)
     print(f"round trips: {rate:,.0f} NOTIFY→ACK decisions per second over loopback "
-          f"(agent {'uvloop' if uvloop_used else 'asyncio'}, {where}; {connections} connections x "
+          f"(agent {'uvloop' if uvloop_used else 'asyncio'}{', observed' if observed else ''}, {where}; "
+          f"{connections} connections x "
           f"{inflight} in flight; {done:,} in {elapsed:.1f} s)")
+    print(f"agent process: {decided / agent_cpu:,.0f} decisions per CPU-second of the agent "
+          f"({decided:,} decisions in {agent_cpu:.1f} CPU-s, warm-up included)")
     return rate
 
 
@@ -216,11 +249,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--inflight", type=int, default=20)
+    parser.add_argument("--asyncio", action="store_true", help="run the agent on asyncio's own loop, not uvloop")
+    parser.add_argument("--observer", action="store_true", help="with an observer (metrics hooks) attached")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
     bench_codec(min(args.seconds, 3.0))
     if not args.codec:
-        bench_round_trips(args.seconds, args.connections, args.inflight)
+        bench_round_trips(args.seconds, args.connections, args.inflight, args.asyncio, args.observer)
 
 
 if __name__ == "__main__":

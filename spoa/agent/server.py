@@ -125,10 +125,12 @@ class _SpopProtocol(asyncio.Protocol):
             log.exception("internal error decoding SPOP from %s", self.peer)
             conn.close(Status.UNKNOWN, f"agent internal error: {type(exc).__name__}")
             events = []
-        observer = server.observer
-        if observer is None and not conn.closed:
-            head = conn.data_to_send()
-            out = [head] if head else []
+        if conn.closed:
+            self._answer_and_close(events)
+            return
+        head = conn.data_to_send()  # an AGENT-HELLO goes before any ACK
+        out = [head] if head else []
+        if server.observer is None:
             append = out.append
             handler = server.handler
             ack = conn.ack
@@ -138,46 +140,66 @@ class _SpopProtocol(asyncio.Protocol):
                         append(ack(event.stream_id, event.frame_id, handler(event.messages)))
                     except Exception as exc:
                         append(server.failed_ack(conn, event, exc))
-            if out:
-                transport.write(out[0] if len(out) == 1 else b"".join(out))
-            if conn.buffered or self.timer_at is not None:
-                self._rearm()
-            return
-        self._slow_path(events)
+        else:
+            self._answer_observed(events, out)
+        if out:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if conn.buffered or self.timer_at is not None:
+            self._rearm()
 
-    def _slow_path(self, events: list[Notify | Hello | Disconnected]) -> None:
-        """With an observer, or when the connection closes: same answers, plus hooks and teardown."""
+    def _answer_observed(self, events: list[Notify | Hello | Disconnected], out: list[bytes]) -> None:
+        """The same answers as the plain path, timing each decision for the observer."""
+        conn = self.conn
+        server = self.server
+        observer = server.observer
+        assert conn is not None and observer is not None
+        handler = server.handler
+        ack = conn.ack
+        decision = observer.decision
+        clock = time.perf_counter
+        notifies = 0
+        started = clock()
+        for event in events:
+            if type(event) is Notify:
+                notifies += 1
+                try:
+                    out.append(ack(event.stream_id, event.frame_id, handler(event.messages)))
+                except Exception as exc:
+                    out.append(server.failed_ack(conn, event, exc))
+                done = clock()
+                decision(done - started)
+                started = done
+            else:
+                kind = FrameType.HAPROXY_HELLO if type(event) is Hello else FrameType.HAPROXY_DISCONNECT
+                observer.frames_received(kind, 1)
+                started = clock()
+        if notifies:
+            observer.frames_received(FrameType.NOTIFY, notifies)
+
+    def _answer_and_close(self, events: list[Notify | Hello | Disconnected]) -> None:
+        """The read left the connection CLOSED: ACK what was decoded, then the closing frame."""
         conn = self.conn
         transport = self.transport
         assert conn is not None and transport is not None
+        out: list[bytes] = []
+        if self.server.observer is not None:
+            self._answer_observed(events, out)
+        else:
+            self._answer_plain(events, out)
+        out.append(conn.data_to_send())  # AGENT-DISCONNECT, or a health check's AGENT-HELLO
+        transport.write(b"".join(out))
+        self._finish()
+
+    def _answer_plain(self, events: list[Notify | Hello | Disconnected], out: list[bytes]) -> None:
+        conn = self.conn
+        assert conn is not None
         server = self.server
-        observer = server.observer
-        head = b"" if conn.closed else conn.data_to_send()
-        out = [head] if head else []
-        notifies = 0
         for event in events:
-            if isinstance(event, Notify):
-                notifies += 1
-                started = time.perf_counter() if observer is not None else 0.0
+            if type(event) is Notify:
                 try:
                     out.append(conn.ack(event.stream_id, event.frame_id, server.handler(event.messages)))
                 except Exception as exc:
                     out.append(server.failed_ack(conn, event, exc))
-                if observer is not None:
-                    observer.decision(time.perf_counter() - started)
-            elif observer is not None:
-                kind = FrameType.HAPROXY_HELLO if isinstance(event, Hello) else FrameType.HAPROXY_DISCONNECT
-                observer.frames_received(kind, 1)
-        if observer is not None and notifies:
-            observer.frames_received(FrameType.NOTIFY, notifies)
-        if conn.closed:
-            out.append(conn.data_to_send())
-        if out:
-            transport.write(b"".join(out))
-        if conn.closed:
-            self._finish()
-        else:
-            self._rearm()
 
     # -- timers and teardown
 
