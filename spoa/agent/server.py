@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from spoa.agent.handler import Handler
 from spoa.config import HostPort
@@ -402,12 +402,12 @@ class AgentServer:
         return conn.ack(event.stream_id, event.frame_id, self.error_actions)
 
 
-async def serve(listen: HostPort, handler: Handler, *, signals: bool = True, **options: object) -> None:
+async def serve(listen: HostPort, handler: Handler, *, signals: bool = True, **options: Any) -> None:
     """Run an `AgentServer` until SIGTERM/SIGINT (when `signals`) or cancellation, then shut down
     gracefully. `options` are `AgentServer`'s keyword arguments."""
     from spoa.agent.loop import install_signal_handlers
 
-    server = AgentServer(listen, handler, **options)  # type: ignore[arg-type]
+    server = AgentServer(listen, handler, **options)
     await server.start()
     remove: Callable[[], None] = install_signal_handlers(server.close) if signals else (lambda: None)
     try:
