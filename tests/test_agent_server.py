@@ -344,9 +344,9 @@ async def test_connection_limit_refuses_the_newcomer_when_nobody_is_idle(connect
     async with running(max_connections=1) as server:
         busy = await connect(server.address)
         await busy.hello()
+        assert server.idle_connections == 1
         busy.send(notify(1, 1, b"x")[:6])  # a partial frame: not idle
-        await poll(lambda: _true(server.connections == 1), "the first connection")
-        await asyncio.sleep(0.05)
+        await poll(lambda: _true(server.idle_connections == 0), "the partial frame to arrive")
         refused = await connect(server.address)
         assert (await refused.disconnect_status())[0] == Status.RESOURCE_ERROR
 

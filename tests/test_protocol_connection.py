@@ -300,6 +300,17 @@ def test_truncated_frame_waits_then_times_out_with_time_as_a_parameter() -> None
     assert disconnect_of(conn)[0] == Status.TIMEOUT
 
 
+def test_each_partial_frame_gets_its_own_deadline_on_a_busy_stream() -> None:
+    conn = ready(read_timeout=5.0)
+    conn.receive_data(GOLDEN_NOTIFY[:10], now=0.0)
+    assert conn.get_timer() == 5.0
+    # every read completes a frame and ends inside the next one: progress, not a slow loris
+    assert len(conn.receive_data(GOLDEN_NOTIFY[10:] + GOLDEN_NOTIFY[:10], now=4.0)) == 1
+    assert conn.get_timer() == 9.0
+    conn.handle_timer(6.0)
+    assert not conn.closed
+
+
 def test_completing_the_frame_clears_the_deadline() -> None:
     conn = ready(read_timeout=5.0)
     conn.receive_data(GOLDEN_NOTIFY[:10], now=1.0)

@@ -71,7 +71,7 @@ class AgentObserver:
 class _SpopProtocol(asyncio.Protocol):
     """One HAProxy connection: bytes in → `Connection` → handler → one write out."""
 
-    __slots__ = ("conn", "last_active", "peer", "server", "timer", "timer_at", "transport")
+    __slots__ = ("conn", "last_active", "peer", "server", "timer", "transport")
 
     def __init__(self, server: AgentServer) -> None:
         self.server = server
@@ -80,7 +80,6 @@ class _SpopProtocol(asyncio.Protocol):
         self.peer = "?"
         self.last_active = 0.0
         self.timer: asyncio.TimerHandle | None = None
-        self.timer_at: float | None = None
 
     # -- lifecycle
 
@@ -144,8 +143,8 @@ class _SpopProtocol(asyncio.Protocol):
             self._answer_observed(events, out)
         if out:
             transport.write(out[0] if len(out) == 1 else b"".join(out))
-        if conn.buffered or self.timer_at is not None:
-            self._rearm()
+        if conn.buffered and self.timer is None:
+            self._arm()
 
     def _answer_observed(self, events: list[Notify | Hello | Disconnected], out: list[bytes]) -> None:
         """The same answers as the plain path, timing each decision for the observer."""
@@ -203,22 +202,17 @@ class _SpopProtocol(asyncio.Protocol):
 
     # -- timers and teardown
 
-    def _rearm(self) -> None:
+    def _arm(self) -> None:
+        """Arm the read deadline lazily: deadlines only move later, so an armed timer is never
+        late; when it fires, `handle_timer` checks the current deadline and re-arms if needed."""
         conn = self.conn
         assert conn is not None
         deadline = conn.get_timer()
-        if deadline == self.timer_at:
-            return
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.timer_at = deadline
-        if deadline is not None:
+        if deadline is not None and self.timer is None:
             self.timer = self.server.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
-        self.timer_at = None
         conn = self.conn
         transport = self.transport
         if conn is None or transport is None or transport.is_closing():
@@ -228,7 +222,7 @@ class _SpopProtocol(asyncio.Protocol):
             transport.write(conn.data_to_send())
             self._finish()
         else:
-            self._rearm()
+            self._arm()
 
     def _finish(self) -> None:
         """The connection is CLOSED: report why, and close the transport once the bytes are out."""
@@ -316,6 +310,11 @@ class AgentServer:
     def connections(self) -> int:
         return len(self._protocols)
 
+    @property
+    def idle_connections(self) -> int:
+        """Connections past their HELLO holding no partial frame (the ones the limit may close)."""
+        return sum(1 for p in self._protocols if p.idle)
+
     async def start(self) -> None:
         if self._server is not None:
             raise RuntimeError("AgentServer already started")
@@ -380,7 +379,7 @@ class AgentServer:
             self._all_gone.clear()
         if self.observer is not None:
             self.observer.connection_opened(protocol.peer)
-        protocol._rearm()  # the HELLO deadline
+        protocol._arm()  # the HELLO deadline
 
     def forget(self, protocol: _SpopProtocol) -> None:
         if protocol in self._protocols:

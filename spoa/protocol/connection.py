@@ -169,11 +169,10 @@ class Connection:
             return events
         self._buf = buf[pos:] if pos < size else b""
         if ready:
-            if self._buf:
-                if self._partial_since is None:
-                    self._partial_since = now
-            else:
+            if not self._buf:
                 self._partial_since = None
+            elif pos or self._partial_since is None:  # a new partial frame starts now
+                self._partial_since = now
         return events
 
     def _control_frame(self, frame_type: int, flags: int, buf: bytes, pos: int, end: int) -> Event | None:
