@@ -339,3 +339,10 @@ def test_mutated_payloads_raise_only_protocol_error(payload: bytes, data: st.Dat
     for parse in PARSERS:
         with contextlib.suppress(ProtocolError):
             parse(mutated)
+
+
+def test_ack_refuses_negative_ids() -> None:
+    with pytest.raises(ValueError):
+        encode_ack(-1, 1, b"\x02\x02\x02\x01x")
+    with pytest.raises(ValueError):
+        encode_ack(1, -1, b"\x02\x02\x02\x01x")

@@ -16,6 +16,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from ipaddress import IPv4Address
 from typing import TypeAlias
 
 from spoa.protocol.codec import (
@@ -230,6 +231,10 @@ def decode_messages(buf: bytes, pos: int = 0, end: int | None = None) -> list[Me
                 args[key] = None
                 pos += 1
                 continue
+            elif tag == 6 and pos + 5 <= end:  # IPV4: the client's address
+                args[key] = IPv4Address(buf[pos + 1 : pos + 5])
+                pos += 5
+                continue
             args[key], pos = decode_data(buf, pos, end)
         messages.append(Message(name, args))
     return messages
@@ -312,11 +317,13 @@ def encode_notify(stream_id: int, frame_id: int, messages: bytes) -> bytes:
     return encode_frame(FrameType.NOTIFY, stream_id, frame_id, messages)
 
 
+_SMALL = tuple(bytes((i,)) for i in range(240))
 _ACK_HEAD = bytes((FrameType.ACK,)) + FLAG_FIN.to_bytes(4, "big")
 _pack_length = _LENGTH.pack
 
 
 def encode_ack(stream_id: int, frame_id: int, actions: bytes) -> bytes:
     """ACK with the NOTIFY's ids around a pre-encoded actions payload. Per request: kept lean."""
-    ids = encode_varint(stream_id) + encode_varint(frame_id)
+    ids = ((_SMALL[stream_id] if 0 <= stream_id < 240 else encode_varint(stream_id))
+           + (_SMALL[frame_id] if 0 <= frame_id < 240 else encode_varint(frame_id)))
     return _pack_length(5 + len(ids) + len(actions)) + _ACK_HEAD + ids + actions
