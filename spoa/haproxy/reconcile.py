@@ -1,0 +1,372 @@
+"""Converging HAProxy's servers and cookie map to the desired members (sans-I/O, time as `now`).
+
+Owns: the rules that turn (desired members, what HAProxy reports, `now`) into runtime-API commands,
+the little memory those rules need between refreshes (when a drain started, when a member was
+added, HAProxy's last pid), and the health view (which desired members HAProxy reports UP).
+Must not: open sockets, read clocks, or touch servers it does not own.
+
+Ownership: a server is the agent's when its name is a member's canonical `server_name`
+(`10.0.1.5_80`, `fd00--5_80`). Everything else in the backend (the `dns*` template fallback, an
+operator's static servers) is never touched.
+
+Rules, per server (every command targets the configured backend):
+- desired, absent: `add server <be>/<name> <addr> check inter .. fastinter .. downinter .. rise ..
+  fall ..`, then `enable health`. The server starts in maintenance with its checks running;
+- desired, in maintenance, checks passed (`srv_check_result` PASSED and the counter at `rise`):
+  `enable server` - UP at once. Never earlier: leaving maintenance makes a server UP whether or not a
+  check ever passed (measured on 2.6), so a task that does not listen yet would get requests;
+- desired, in maintenance with paused checks (someone ran `disable server`; we do so while deleting):
+  deleted and re-added, because its check result is stale and enabling it would skip the check (its
+  leftover sessions end first, or are cut after `drain_timeout`);
+- desired, draining (a removed member that came back): `set server ... state ready`;
+- desired, address differs from the name: deleted and re-added (`repaired`);
+- not desired, serving: `set server ... state drain` (no new sessions from load balancing; the agent
+  stops choosing it and its cookie entry goes first);
+- not desired, draining or in maintenance: once it has no sessions left (and has drained for at least
+  one refresh) `disable server` + `del server`; after `drain_timeout` the remaining sessions are cut
+  (`shutdown sessions server`) first. A refused `del server` is simply tried again next refresh.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from spoa.haproxy.answers import MapEntry, OpState, ServerState
+from spoa.member import Member
+
+_BACKEND_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# RFC 6265 cookie-octet: no white space, DQUOTE, comma, semicolon or backslash - and so nothing that
+# could split a CLI command or a map line.
+_COOKIE_VALUE = re.compile(r"^[\x21\x23-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]{1,256}$")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSettings:
+    """Health-check timing of the servers the agent adds (seconds, and rise/fall counts).
+
+    Measured on 2.6 with these defaults: after `enable health` on a server in maintenance the first
+    check runs after `downinter` (1.0 s), the next after `fastinter` (0.25 s); with `rise 2` the server
+    can be enabled 1.25 s after it was added. A server that stops listening is DOWN at the first
+    failed check after UP (fall counts from the last transition), i.e. within `inter`.
+    """
+
+    inter: float = 2.0
+    fastinter: float = 0.25
+    downinter: float = 1.0
+    rise: int = 2
+    fall: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("inter", "fastinter", "downinter"):
+            value = getattr(self, name)
+            if not 0.001 <= value <= 3600:
+                raise ValueError(f"check {name} must be between 1 ms and 1 h, got {value!r}")
+        for name in ("rise", "fall"):
+            value = getattr(self, name)
+            if not 1 <= value <= 100:
+                raise ValueError(f"check {name} must be between 1 and 100, got {value!r}")
+
+    def keywords(self) -> str:
+        """The `add server` arguments that configure the check."""
+        def ms(seconds: float) -> str:
+            return f"{round(seconds * 1000)}ms"
+        return (f"check inter {ms(self.inter)} fastinter {ms(self.fastinter)} downinter {ms(self.downinter)}"
+                f" rise {self.rise} fall {self.fall}")
+
+    @property
+    def first_pass(self) -> float:
+        """Expected time from `enable health` to a server that may be enabled, if it listens."""
+        return self.downinter + (self.rise - 1) * self.fastinter
+
+
+def member_from_server_name(name: str) -> Member | None:
+    """The member whose canonical `server_name` is `name`, or None (not one of the agent's servers)."""
+    ip_text, sep, port_text = name.rpartition("_")
+    if not sep or not port_text.isdigit() or len(name) > 64:
+        return None
+    try:
+        member = Member.parse(ip_text.replace("-", ":"), int(port_text))
+    except ValueError:
+        return None
+    return member if member.server_name == name else None
+
+
+def _same_address(server: ServerState, member: Member) -> bool:
+    if server.addr == member.ip:
+        return server.port == member.port
+    try:
+        addr = ipaddress.ip_address(server.addr).compressed
+    except ValueError:
+        return False
+    return addr == member.ip and server.port == member.port
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What HAProxy reported at the start of a refresh."""
+
+    servers: Sequence[ServerState]  # `show servers state <backend>`, all rows (filtered here)
+    sessions: Mapping[str, int] = field(default_factory=dict)  # sessions per server, when fetched
+    pid: int | None = None  # `show info` Pid: a new one means HAProxy was reloaded or restarted
+
+
+class ActionKind(enum.Enum):
+    ADD = "added"
+    ENABLE_HEALTH = "checks enabled"
+    ENABLE = "enabled"
+    READY = "ready again"
+    RECREATE = "re-created"
+    REPAIR = "repaired"
+    DRAIN = "draining"
+    DELETE = "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """Commands for one server, to run in order, stopping at the first failure."""
+
+    kind: ActionKind
+    server: str
+    commands: tuple[str, ...]
+    member: Member | None = None  # the desired member it serves (None for removals)
+    becomes_up: bool = False  # success makes the member UP: its cookie may be published
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind.value} {self.server}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    actions: tuple[Action, ...]
+    up: frozenset[Member]  # desired members HAProxy reports UP (before the actions)
+    down: frozenset[Member]  # desired, enabled, but the checks say DOWN
+    pending: frozenset[Member]  # desired, kept in maintenance until a check passes
+    draining: frozenset[str]  # servers of removed members that still exist
+    reloaded: bool = False  # HAProxy's pid changed since the previous plan
+    retry_after: float | None = None  # a refresh this soon would likely enable a pending member
+
+
+class Reconciler:
+    """Plans one refresh at a time. One per backend; its memory is only for the servers it owns."""
+
+    def __init__(self, backend: str, *, drain_timeout: float, checks: CheckSettings | None = None) -> None:
+        if not _BACKEND_NAME.match(backend):
+            raise ValueError(f"invalid HAProxy backend name {backend!r}")
+        if drain_timeout < 0:
+            raise ValueError(f"drain_timeout must be >= 0, got {drain_timeout!r}")
+        self.backend = backend
+        self.drain_timeout = drain_timeout
+        self.checks = checks or CheckSettings()
+        self._drain_started: dict[str, float] = {}
+        self._recreate_started: dict[str, float] = {}
+        self._pending_since: dict[str, float] = {}
+        self._pid: int | None = None
+        self._names: dict[str, Member | None] = {}  # server name → member, for the names last seen
+
+    def owned(self, servers: Iterable[ServerState]) -> dict[str, ServerState]:
+        """The agent's servers (by name) among `servers`."""
+        known = self._names
+        self._names = {}  # keeps only the names HAProxy holds now: bounded
+        owned: dict[str, ServerState] = {}
+        for s in servers:
+            if s.backend != self.backend:
+                continue
+            member = known[s.name] if s.name in known else member_from_server_name(s.name)
+            self._names[s.name] = member
+            if member is not None:
+                owned[s.name] = s
+        return owned
+
+    def wants_sessions(self, desired: frozenset[Member], servers: Iterable[ServerState]) -> bool:
+        """True when the plan needs sessions per server: some owned server is being removed or re-created."""
+        names = {m.server_name for m in desired}
+        return any(name not in names or (s.in_maintenance and s.checks_paused)
+                   for name, s in self.owned(servers).items())
+
+    # ------------------------------------------------------------------ commands
+
+    def _srv(self, name: str) -> str:
+        return f"{self.backend}/{name}"
+
+    def _add(self, member: Member) -> tuple[str, ...]:
+        srv = self._srv(member.server_name)
+        return (f"add server {srv} {member.address} {self.checks.keywords()}", f"enable health {srv}")
+
+    # ------------------------------------------------------------------ the plan
+
+    def plan(self, desired: frozenset[Member], observed: Observation, now: float) -> Plan:
+        owned = self.owned(observed.servers)
+        wanted = {m.server_name: m for m in desired}
+        actions: list[Action] = []
+        up: set[Member] = set()
+        down: set[Member] = set()
+        pending: set[Member] = set()
+
+        for name, member in sorted(wanted.items()):
+            action, state = self._plan_desired(member, owned.get(name), observed.sessions.get(name, 0), now)
+            if action is not None:
+                actions.append(action)
+            if state == "up":
+                up.add(member)
+            elif state == "down":
+                down.add(member)
+            else:
+                pending.add(member)
+                self._pending_since.setdefault(name, now)
+                if action is not None and action.kind in (ActionKind.ADD, ActionKind.RECREATE, ActionKind.REPAIR):
+                    self._pending_since[name] = now
+
+        draining: set[str] = set()
+        for name, server in sorted(owned.items()):
+            if name in wanted:
+                continue
+            action = self._plan_removed(server, observed.sessions.get(name, 0), now)
+            if action is not None:
+                actions.append(action)
+            if action is None or action.kind is not ActionKind.DELETE:
+                draining.add(name)
+
+        # Forget what no longer applies; the memory stays bounded by the servers HAProxy holds.
+        for name in [n for n in self._drain_started if n not in owned or n in wanted]:
+            del self._drain_started[name]
+        for name in [n for n in self._recreate_started
+                     if n not in wanted or n not in owned or not owned[n].in_maintenance]:
+            del self._recreate_started[name]
+        pending_names = {m.server_name for m in pending}
+        for name in [n for n in self._pending_since if n not in pending_names]:
+            del self._pending_since[name]
+
+        reloaded = observed.pid is not None and self._pid is not None and observed.pid != self._pid
+        if observed.pid is not None:
+            self._pid = observed.pid
+
+        return Plan(tuple(actions), frozenset(up), frozenset(down), frozenset(pending), frozenset(draining),
+                    reloaded, self._retry_after(now))
+
+    def _plan_desired(self, member: Member, server: ServerState | None, sessions: int, now: float
+                      ) -> tuple[Action | None, str]:
+        """(action, state) for a desired member; state is "up", "down" or "pending" (before the action)."""
+        name = member.server_name
+        srv = self._srv(name)
+        if server is None:
+            return Action(ActionKind.ADD, name, self._add(member), member), "pending"
+        if not _same_address(server, member):
+            cmds = (() if server.in_maintenance else (f"disable server {srv}",)) + (
+                f"shutdown sessions server {srv}", f"del server {srv}") + self._add(member)
+            detail = f"address was {server.addr}:{server.port}"
+            return Action(ActionKind.REPAIR, name, cmds, member, detail=detail), "pending"
+        if server.in_maintenance:
+            if server.checks_paused:
+                return self._plan_recreate(member, sessions, now), "pending"
+            if not server.checks_enabled:
+                return Action(ActionKind.ENABLE_HEALTH, name, (f"enable health {srv}",), member), "pending"
+            if server.check_passed(self.checks.rise):
+                return Action(ActionKind.ENABLE, name, (f"enable server {srv}",), member, becomes_up=True), "pending"
+            return None, "pending"
+        healthy = server.op_state in (OpState.RUNNING, OpState.STARTING)
+        if server.draining:
+            cmds = (f"set server {srv} state ready",)
+            if not server.checks_enabled:
+                cmds += (f"enable health {srv}",)
+            return Action(ActionKind.READY, name, cmds, member, becomes_up=healthy), "pending" if healthy else "down"
+        if not server.checks_enabled:
+            action = Action(ActionKind.ENABLE_HEALTH, name, (f"enable health {srv}",), member)
+            return action, "up" if server.is_up else "down"
+        return None, "up" if server.is_up else "down"
+
+    def _plan_recreate(self, member: Member, sessions: int, now: float) -> Action | None:
+        """A desired member's server in maintenance with paused checks: delete it and add it afresh,
+        once its leftover sessions ended (or are cut after `drain_timeout`)."""
+        name = member.server_name
+        srv = self._srv(name)
+        started = self._recreate_started.setdefault(name, now)
+        detail = "was in maintenance with checks paused"
+        if sessions <= 0:
+            return Action(ActionKind.RECREATE, name, (f"del server {srv}", *self._add(member)), member, detail=detail)
+        if now - started >= self.drain_timeout:
+            return Action(ActionKind.RECREATE, name,
+                          (f"shutdown sessions server {srv}", f"del server {srv}", *self._add(member)), member,
+                          detail=f"{detail}; drain timeout, {sessions} sessions cut")
+        return None
+
+    def _plan_removed(self, server: ServerState, sessions: int, now: float) -> Action | None:
+        name = server.name
+        srv = self._srv(name)
+        if not server.in_maintenance and not server.draining:
+            self._drain_started[name] = now
+            return Action(ActionKind.DRAIN, name, (f"set server {srv} state drain",))
+        started = self._drain_started.setdefault(name, now)
+        timed_out = now - started >= self.drain_timeout
+        disable = () if server.in_maintenance else (f"disable server {srv}",)
+        if sessions <= 0 and (server.in_maintenance or now > started):
+            return Action(ActionKind.DELETE, name, (*disable, f"del server {srv}"))
+        if timed_out:
+            return Action(ActionKind.DELETE, name, (*disable, f"shutdown sessions server {srv}", f"del server {srv}"),
+                          detail=f"drain timeout, {sessions} sessions cut")
+        return None
+
+    def _retry_after(self, now: float) -> float | None:
+        """How soon another refresh would likely find a just-added member's checks passed."""
+        window = 2 * self.checks.first_pass + self.checks.inter
+        young = [since for since in self._pending_since.values() if now - since < window]
+        if not young:
+            return None
+        return max(self.checks.fastinter, min(since + self.checks.first_pass - now for since in young))
+
+
+# --------------------------------------------------------------------------- the cookie map
+
+
+def cookie_entries(members: Iterable[Member], cookie_value: Callable[[Member], str]
+                   ) -> tuple[dict[str, str], list[str]]:
+    """({cookie value → server name}, notes on members left out).
+
+    A value that could not be a cookie (or would split a CLI command) is left out, and so is a
+    value that already names another member (the smaller member address wins, on every replica).
+    """
+    want: dict[str, str] = {}
+    skipped: list[str] = []
+    for member in sorted(members):
+        value = cookie_value(member)
+        if not _COOKIE_VALUE.match(value):
+            skipped.append(f"{member}: cookie value {value[:40]!r} is not a valid cookie value")
+        elif value in want:
+            skipped.append(f"{member}: cookie value {value!r} already names {want[value]}")
+        else:
+            want[value] = member.server_name
+    return want, skipped
+
+
+def plan_cookie_map(map_file: str, want: Mapping[str, str], entries: Sequence[MapEntry]
+                    ) -> tuple[list[str], list[str]]:
+    """(deletes, adds) that make the map hold exactly `want`: one entry per key, nothing else.
+
+    Entries are deleted by reference (`#<ref>`), so duplicates and odd keys go too.
+    """
+    kept: set[str] = set()
+    deletes: list[str] = []
+    for entry in entries:
+        if want.get(entry.key) == entry.value and entry.key not in kept:
+            kept.add(entry.key)
+        else:
+            deletes.append(f"del map {map_file} #{entry.ref}")
+    adds = [f"add map {map_file} {key} {value}" for key, value in sorted(want.items()) if key not in kept]
+    return deletes, adds
+
+
+__all__ = [
+    "Action",
+    "ActionKind",
+    "CheckSettings",
+    "Observation",
+    "Plan",
+    "Reconciler",
+    "cookie_entries",
+    "member_from_server_name",
+    "plan_cookie_map",
+]
