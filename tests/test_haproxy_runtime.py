@@ -437,6 +437,15 @@ async def test_unknown_backend_is_reported_not_raised(haproxy: HAProxyProcess) -
     assert any("cannot read HAProxy's state" in e for e in report.errors)
 
 
+async def test_unknown_cookie_map_does_not_stop_the_servers(haproxy: HAProxyProcess, backend2: Backend) -> None:
+    m2 = member(backend2)
+    w = HAProxyWriter(RuntimeAPI(haproxy.socket_path), Reconciler(BE, drain_timeout=30),
+                      cookie_map="/nonexistent/cookies.map", cookie_value=cookie)
+    report, _ = await step_until(w, {m2}, lambda r: r.up == {m2})
+    assert any("cookie map left alone" in e and "Unknown map" in e for e in report.errors)
+    assert await cookie_map(haproxy) == {}
+
+
 async def test_ipv6_member(haproxy: HAProxyProcess) -> None:
     try:
         free_port("::1")

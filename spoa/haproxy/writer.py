@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from spoa.config import Settings
-from spoa.haproxy.answers import info_pid
+from spoa.haproxy.answers import MapEntry, info_pid
 from spoa.haproxy.errors import RuntimeAPIError, RuntimeAPIUnavailable
 from spoa.haproxy.reconcile import (
     Action,
@@ -125,10 +125,18 @@ class HAProxyWriter:
             servers = await s.servers_state(backend)
             sessions = (await s.server_sessions(backend)
                         if self.reconciler.wants_sessions(desired, servers) else {})
-            entries = await s.show_map(self.cookie_map) if self.cookie_map is not None else []
         except RuntimeAPIError as e:
             self._up = self._up & desired
             return log.report(reachable=True, up=self._up, error=f"cannot read HAProxy's state: {e}")
+        # A cookie map HAProxy does not know (another config?) must not stop the servers being written.
+        cookies = self.cookie_map is not None and self.cookie_value is not None
+        entries: list[MapEntry] = []
+        if self.cookie_map is not None:
+            try:
+                entries = await s.show_map(self.cookie_map)
+            except RuntimeAPIError as e:
+                cookies = False
+                log.errors.append(f"cookie map left alone: {e}")
 
         plan = self.reconciler.plan(desired, Observation(servers, sessions, pid), now)
         log.plan = plan
@@ -137,7 +145,7 @@ class HAProxyWriter:
 
         # 1. The cookie map follows the members that are UP right now.
         want_before: dict[str, str] = {}
-        if self.cookie_map is not None and self.cookie_value is not None:
+        if cookies and self.cookie_map is not None and self.cookie_value is not None:
             want_before, skipped = cookie_entries(plan.up, self.cookie_value)
             log.errors.extend(skipped)
             deletes, adds = plan_cookie_map(self.cookie_map, want_before, entries)
@@ -159,7 +167,7 @@ class HAProxyWriter:
             log.events.append(f"repaired after reload: {re_added} servers re-added")
 
         # 3. Cookies of members enabled in this step.
-        if self.cookie_map is not None and self.cookie_value is not None:
+        if cookies and self.cookie_map is not None and self.cookie_value is not None:
             want_after, _ = cookie_entries(up, self.cookie_value)
             adds = [f"add map {self.cookie_map} {k} {v}" for k, v in sorted(want_after.items())
                     if k not in want_before]
