@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from spoa.member import Member
     from spoa.routing import Router
 
-log = logging.getLogger("haproxy_swarm.metrics")
+log = logging.getLogger("spoa.metrics")
 
 PREFIX = "haproxy_swarm_"
 DECISION_BUCKETS = (5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 5e-3)
