@@ -24,7 +24,7 @@ from operator import ne
 from typing import overload
 
 from spoa.member import Member
-from spoa.ring.hashing import KEY_PERSON, SLOT_SHIFT, TABLE_SIZE, hash_key
+from spoa.ring.hashing import SLOT_SHIFT, TABLE_SIZE, hash_key
 from spoa.ring.table import fill_table
 
 _from_bytes = int.from_bytes
@@ -75,7 +75,7 @@ class Ring:
     def lookup(self, key: bytes) -> Member:
         """The member for a sticky key. Raises EmptyRingError when the ring has no members."""
         return self._table[
-            _from_bytes(blake2b(key, digest_size=8, person=KEY_PERSON).digest(), "big") >> SLOT_SHIFT
+            _from_bytes(blake2b(key, digest_size=8).digest(), "big") >> SLOT_SHIFT
         ]
 
     def lookup_hash(self, h: int) -> Member:
