@@ -211,3 +211,13 @@ def test_haproxys_own_exporter_on_the_stats_port(three: Stack) -> None:
         name = task.address.replace(":", "_")
         assert any(f'server="{name}"' in line and 'state="UP"' in line and line.endswith(" 1")
                    for line in servers), (name, servers)
+
+
+def test_json_logs_one_object_per_line() -> None:
+    with Stack(n_slots=3, env={"LOG_FORMAT": "json"}) as stack:
+        stack.scale([0, 1])
+        wait_for(lambda: stack.metric("haproxy_swarm_members", state="known") == 2, "the scale-down")
+        docs = [json.loads(line) for line in log_lines(stack)]  # every line is one JSON object
+    assert all({"time", "level", "logger", "message"} <= set(doc) for doc in docs), docs
+    gone = stack.tasks[2].address
+    assert any(doc["level"] == "info" and f"removed {gone}" in doc["message"] for doc in docs), docs
