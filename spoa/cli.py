@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--traffic-port", type=int, default=8099)
     demo.add_argument("--stats-port", type=int, default=8888)
     demo.add_argument("--metrics-port", type=int, default=9101)
-    demo.add_argument("--no-wait", action="store_true", help="stop after the walk-through instead of waiting for Ctrl-C")
+    demo.add_argument("--no-wait", action="store_true",
+                      help="stop after the walk-through instead of waiting for Ctrl-C")
 
     status = sub.add_parser("status", help="members, their health and share of the ring, for a running instance")
     status.add_argument("--metrics", default="http://127.0.0.1:9101", help="the agent's metrics base URL")

@@ -19,9 +19,9 @@ import time
 from types import FrameType
 
 from spoa.config import Settings, settings_env
-from spoa.local.haproxy import HAProxyError, HAProxyProcess, show_info, shipped_config
+from spoa.local.haproxy import HAProxyError, HAProxyProcess, shipped_config, show_info
 
-log = logging.getLogger("haproxy_swarm.run")
+log = logging.getLogger("spoa.supervisor")
 
 AGENT_RESTART_MIN = 0.5
 AGENT_RESTART_MAX = 10.0

@@ -99,7 +99,7 @@ class Backend:
 
     @property
     def address(self) -> str:
-        return f"{self.ip}:{self.port}"
+        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> Backend:
         if self.proc is not None and self.proc.poll() is None:

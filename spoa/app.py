@@ -1,0 +1,155 @@
+"""The agent process: the SPOE server, DNS discovery, the HAProxy writer and metrics, wired together.
+
+Owns: the one object that holds the agent's state (no globals), its control loop and its lifecycle.
+The control loop runs every `DNS_REFRESH` seconds: DNS → members; members → HAProxy servers (the
+writer reconciles and reports which servers are UP); UP members → the router's ring. Health is read
+back more often than DNS is polled, so a member HAProxy marks DOWN leaves the ring quickly.
+Must not: sit on the per-request path (that is `Router.handle`, called by the SPOE server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from spoa.agent import AgentServer
+from spoa.agent.loop import install_signal_handlers
+from spoa.config import Settings
+from spoa.discovery import Discovery
+from spoa.haproxy import HAProxyWriter
+from spoa.metrics import Metrics, MetricsServer
+from spoa.routing import Router
+
+log = logging.getLogger("spoa.app")
+
+# How often HAProxy's view (server health) is read back, at most; DNS is polled every DNS_REFRESH.
+HEALTH_INTERVAL = 0.5
+
+
+class Agent:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.started = time.time()
+        self.router = Router(settings)
+        self.metrics = Metrics(self)
+        self.discovery = Discovery.from_settings(settings, observer=self.metrics)
+        self.writer = HAProxyWriter.from_settings(
+            settings, cookie_value=self.router.cookie_value if settings.issues_cookie else None,
+            observer=self.metrics)
+        self.haproxy_reachable = False
+        self._last_errors: tuple[str, ...] = ()
+        self.server = AgentServer(settings.listen, self.router.handle,
+                                  max_connections=settings.max_connections, observer=self.metrics)
+        self.metrics_server = MetricsServer(settings.metrics_listen, self.metrics, ready=self.ready)
+        self.last_refresh: float | None = None  # wall clock of the last DNS answer
+        self._stopping = asyncio.Event()
+
+    # ------------------------------------------------------------------ state
+
+    def ready(self) -> tuple[bool, str]:
+        """/readyz: the service has members and the HAProxy socket answers."""
+        if not self.discovery.members:
+            return False, f"no members for {self.settings.service} yet"
+        if not self.haproxy_reachable:
+            return False, f"HAProxy socket {self.settings.admin_socket} does not answer"
+        return True, f"{len(self.router.up)} of {len(self.discovery.members)} members up"
+
+    # ------------------------------------------------------------------ control loop
+
+    async def step(self, now: float, poll_dns: bool) -> float | None:
+        """One control step; returns how soon stepping again would help (a pending member), if sooner."""
+        if poll_dns:
+            await self.discovery.refresh(now)
+            if self.discovery.last_error is None:
+                self.last_refresh = time.time()
+        members = self.discovery.members
+        self.metrics.members_changed(members)
+        report = await self.writer.step(members, now)
+        self.metrics.haproxy_step(report)
+        if report.reachable != self.haproxy_reachable:
+            if report.reachable:
+                log.info("HAProxy admin socket %s answers", self.settings.admin_socket)
+            else:
+                log.warning("HAProxy admin socket %s: %s; routing on the last known health",
+                            self.settings.admin_socket, "; ".join(report.errors))
+            self.haproxy_reachable = report.reachable
+        # Errors that repeat every step are logged once, when they first appear.
+        if report.events or (report.errors and report.reachable and report.errors != self._last_errors):
+            log.info("HAProxy %s: %s", self.settings.haproxy_backend, report)
+        self._last_errors = report.errors
+        before = self.router.up
+        started = time.perf_counter()
+        self.router.update(members, report.up)
+        if self.router.up != before:
+            self.metrics.ring_rebuilt(self.router, time.perf_counter() - started)
+            log.info("ring: %d members up (%s)", len(self.router.up), _describe(before, self.router.up))
+        return report.retry_after
+
+    async def control_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_dns = loop.time()
+        while not self._stopping.is_set():
+            now = loop.time()
+            poll_dns = now >= next_dns
+            if poll_dns:
+                next_dns = now + self.settings.refresh
+            retry_after: float | None = None
+            try:
+                retry_after = await self.step(now, poll_dns)
+            except Exception:  # the loop must survive anything; the traffic path does not depend on it
+                log.exception("control loop step failed; retrying")
+            delay = min(HEALTH_INTERVAL, max(0.0, next_dns - loop.time()))
+            if retry_after is not None:
+                delay = min(delay, max(0.05, retry_after))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.server.close()
+
+    async def run(self) -> None:
+        await self.server.start()
+        await self.metrics_server.start()
+        remove = install_signal_handlers(self.stop)
+        control = asyncio.create_task(self.control_loop(), name="control-loop")
+        try:
+            await self.server.wait_closed()
+        finally:
+            remove()
+            self._stopping.set()
+            control.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await control
+            await self.metrics_server.close()
+            log.info("agent stopped")
+
+
+def _describe(before: frozenset[Any], after: frozenset[Any], limit: int = 8) -> str:
+    parts = []
+    for sign, items in (("+", sorted(after - before)), ("-", sorted(before - after))):
+        shown = ", ".join(f"{sign}{m}" for m in items[:limit])
+        if len(items) > limit:
+            shown += f" and {len(items) - limit} more"
+        if shown:
+            parts.append(shown)
+    return "; ".join(parts) or "no change"
+
+
+def run_agent(settings: Settings) -> int:
+    from spoa.agent.loop import run
+
+    log.info("haproxy-swarm agent: service %s, nameserver %s, sticky key %s, SPOP on %s, metrics on %s",
+             settings.service, settings.nameserver, ",".join(map(str, settings.sticky_key)),
+             settings.listen, settings.metrics_listen)
+    try:
+        run(Agent(settings).run())
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    return 0

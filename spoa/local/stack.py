@@ -1,0 +1,197 @@
+"""The whole product on loopback: dnsmasq + HTTP backends + `haproxy-swarm run` as plain processes.
+
+Owns: starting and stopping that set for the end-to-end tests and benchmarks, scaling the service
+(DNS + backend processes) and reading HAProxy's view back. Everything is real: the shipped
+haproxy.cfg, the real agent, real DNS and real HTTP. Must not: leave a process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterable, Mapping
+from types import TracebackType
+
+from spoa.local.backends import Backend
+from spoa.local.dnsmasq import Dnsmasq
+from spoa.local.haproxy import admin_command, show_info
+from spoa.local.ports import free_port
+
+SERVICE = "tasks.backend"
+
+
+def parse_servers_state(text: str) -> list[dict[str, str]]:
+    """`show servers state` → one dict per server, keyed by the header's column names."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    header = next((ln for ln in lines if ln.startswith("#")), None)
+    if header is None:
+        return []
+    names = header.lstrip("# ").split()
+    return [dict(zip(names, ln.split(), strict=False)) for ln in lines if not ln.startswith("#") and " " in ln]
+
+
+class Stack:
+    """dnsmasq serving `tasks.backend`, backends on 127.0.0.2.., and `haproxy-swarm run`."""
+
+    def __init__(self, n_slots: int = 8, env: Mapping[str, str] | None = None, refresh: float = 0.5,
+                 run_dir: str | None = None, dns: Dnsmasq | None = None, backend_port: int | None = None) -> None:
+        self.run_dir = run_dir or tempfile.mkdtemp(prefix="haproxy-swarm-stack-")
+        self._own_run_dir = run_dir is None
+        self.backend_port = backend_port or free_port("127.0.0.2")
+        self.tasks = [Backend(f"127.0.0.{i + 2}", self.backend_port, name=f"task-{i + 1}") for i in range(n_slots)]
+        self._own_dns = dns is None
+        self.dns = dns or Dnsmasq()
+        self.traffic_port = free_port()
+        self.stats_port = free_port()
+        self.metrics_port = free_port()
+        self.agent_port = free_port()
+        self.refresh = refresh
+        self.extra_env = dict(env or {})
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.socket = os.path.join(self.run_dir, "admin.sock")
+        self.log_path = os.path.join(self.run_dir, "run.log")
+        self.members: list[int] = []
+
+    # ------------------------------------------------------------------ life cycle
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ) | {
+            "SWARM_SERVICE": f"{SERVICE}:{self.backend_port}",
+            "DNS_NAMESERVER": str(self.dns.address),
+            "DNS_REFRESH": str(self.refresh),
+            "MEMBER_GRACE": str(2 * self.refresh),
+            "DRAIN_TIMEOUT": "3",
+            "RUN_DIR": self.run_dir,
+            "FRONTEND_BIND": f"127.0.0.1:{self.traffic_port}",
+            "STATS_BIND": f"127.0.0.1:{self.stats_port}",
+            "METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
+            "AGENT_LISTEN": f"127.0.0.1:{self.agent_port}",
+            "COOKIE_SECRET": "test-secret",
+            "LOG_LEVEL": "info",
+        } | self.extra_env
+
+    def start(self, members: Iterable[int] = (0, 1, 2), wait: bool = True) -> Stack:
+        try:
+            if self._own_dns and not self.dns.running:
+                self.dns.start()
+            self.scale(members, wait=False)
+            log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+            self.proc = subprocess.Popen([sys.executable, "-m", "spoa", "run"], env=self.env(),
+                                         stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+            log.close()
+            if wait:
+                self.wait_up(self.members)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        for task in self.tasks:
+            task.stop()
+        if self._own_dns:
+            self.dns.stop()
+        if self._own_run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ scaling
+
+    def scale(self, members: Iterable[int], wait: bool = True, start_backends: bool = True,
+              stop_removed: bool = True) -> None:
+        """Make the service's members the task slots `members` (DNS + backend processes)."""
+        wanted = sorted(set(members))
+        if start_backends:
+            for i in wanted:
+                self.tasks[i].start()
+        self.dns.set_hosts({SERVICE: [self.tasks[i].ip for i in wanted]})
+        if stop_removed:
+            for i, task in enumerate(self.tasks):
+                if i not in wanted:
+                    task.stop()
+        self.members = wanted
+        if wait:
+            self.wait_up(wanted)
+
+    def addresses(self, slots: Iterable[int]) -> set[str]:
+        return {self.tasks[i].address for i in slots}
+
+    # ------------------------------------------------------------------ HAProxy's view
+
+    def command(self, command: str) -> str:
+        return admin_command(self.socket, command)
+
+    def servers(self) -> list[dict[str, str]]:
+        """The agent-written servers of be_app (not the `dns*` fallback servers)."""
+        try:
+            rows = parse_servers_state(self.command("show servers state be_app"))
+        except OSError:
+            return []
+        return [r for r in rows if not r.get("srv_name", "").startswith("dns")]
+
+    def up(self) -> set[str]:
+        """Addresses HAProxy has UP and ready (not in maintenance, not draining)."""
+        return {f"{r['srv_addr']}:{r['srv_port']}" for r in self.servers()
+                if r.get("srv_op_state") == "2" and r.get("srv_admin_state") == "0"}
+
+    def wait_up(self, slots: Iterable[int], timeout: float = 20.0) -> float:
+        want = self.addresses(slots)
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            self.check_running()
+            if self.up() == want:
+                return time.monotonic() - start
+            time.sleep(0.05)
+        raise TimeoutError(f"HAProxy shows {sorted(self.up())} UP, wanted {sorted(want)}; log:\n{self.log_tail()}")
+
+    def check_running(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"haproxy-swarm run exited ({self.proc.returncode}):\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def haproxy_info(self) -> dict[str, str]:
+        return show_info(self.socket)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
+            body: bytes = resp.read()
+        return body.decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples of `name` whose labels include `labels` (0 when absent)."""
+        total = 0.0
+        for line in self.metrics().splitlines():
+            if line.startswith("#") or not line.startswith(name):
+                continue
+            head, _, value = line.rpartition(" ")
+            metric, _, label_text = head.partition("{")
+            if metric != name:
+                continue
+            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+                total += float(value)
+        return total
