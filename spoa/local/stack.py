@@ -40,16 +40,17 @@ class Stack:
     """dnsmasq serving `tasks.backend`, backends on 127.0.0.2.., and `haproxy-swarm run`."""
 
     def __init__(self, n_slots: int = 8, env: Mapping[str, str] | None = None, refresh: float = 0.5,
-                 run_dir: str | None = None, dns: Dnsmasq | None = None, backend_port: int | None = None) -> None:
+                 run_dir: str | None = None, dns: Dnsmasq | None = None, backend_port: int | None = None,
+                 service: str = SERVICE, ports: tuple[int, int, int] | None = None) -> None:
+        """`ports`: (traffic, stats, metrics); free ones by default."""
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="haproxy-swarm-stack-")
         self._own_run_dir = run_dir is None
         self.backend_port = backend_port or free_port("127.0.0.2")
         self.tasks = [Backend(f"127.0.0.{i + 2}", self.backend_port, name=f"task-{i + 1}") for i in range(n_slots)]
         self._own_dns = dns is None
         self.dns = dns or Dnsmasq()
-        self.traffic_port = free_port()
-        self.stats_port = free_port()
-        self.metrics_port = free_port()
+        self.service = service
+        self.traffic_port, self.stats_port, self.metrics_port = ports or (free_port(), free_port(), free_port())
         self.agent_port = free_port()
         self.refresh = refresh
         self.extra_env = dict(env or {})
@@ -62,7 +63,7 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         return dict(os.environ) | {
-            "SWARM_SERVICE": f"{SERVICE}:{self.backend_port}",
+            "SWARM_SERVICE": f"{self.service}:{self.backend_port}",
             "DNS_NAMESERVER": str(self.dns.address),
             "DNS_REFRESH": str(self.refresh),
             "MEMBER_GRACE": str(2 * self.refresh),
@@ -123,7 +124,7 @@ class Stack:
         if start_backends:
             for i in wanted:
                 self.tasks[i].start()
-        self.dns.set_hosts({SERVICE: [self.tasks[i].ip for i in wanted]})
+        self.dns.set_hosts({self.service: [self.tasks[i].ip for i in wanted]})
         if stop_removed:
             for i, task in enumerate(self.tasks):
                 if i not in wanted:
@@ -131,6 +132,9 @@ class Stack:
         self.members = wanted
         if wait:
             self.wait_up(wanted)
+
+    def task_name(self, address: str | None) -> str:
+        return next((t.name for t in self.tasks if t.address == address), f"?({address})")
 
     def addresses(self, slots: Iterable[int]) -> set[str]:
         return {self.tasks[i].address for i in slots}

@@ -1,0 +1,33 @@
+"""`haproxy-swarm demo` runs its walk-through end to end and leaves nothing behind."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from spoa.local.ports import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+def test_demo_walks_through_scale_up_and_down_and_cleans_up() -> None:
+    ports = [free_port(), free_port(), free_port()]
+    res = subprocess.run(
+        [sys.executable, "-m", "spoa", "demo", "--no-wait", "--traffic-port", str(ports[0]),
+         "--stats-port", str(ports[1]), "--metrics-port", str(ports[2])],
+        capture_output=True, text=True, timeout=100)
+    out = res.stdout
+    assert res.returncode == 0, res.stderr + out
+    assert "the 60 users with a cookie: 0 moved" in out
+    assert re.search(r"users on task-1/task-2: \d+, of whom moved: 0", out)
+    spread = re.search(r"60 new users: \{(.*)\}", out)
+    assert spread and "'task-4'" in spread.group(1) and "'task-5'" in spread.group(1)
+    assert ": no reload" in out
+    assert "127.0.0.2_" in out  # the status table lists the members
+    for port in ports:  # everything it started is gone: the ports are free again
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
