@@ -28,6 +28,7 @@ def test_demo_walks_through_scale_up_and_down_and_cleans_up() -> None:
     assert spread and "'task-4'" in spread.group(1) and "'task-5'" in spread.group(1)
     assert ": no reload" in out
     assert "127.0.0.2_" in out  # the status table lists the members
-    for port in ports:  # everything it started is gone: the ports are free again
+    for port in ports:  # everything it started is gone: nothing listens on its ports any more
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener
             s.bind(("127.0.0.1", port))
