@@ -8,6 +8,7 @@ removed (as a multiple of 1/N), lookup time per call (hashing included), and bui
     .venv/bin/python bench/ring.py --compare           # also Maglev, HAProxy-like ring, rendezvous,
                                                        # multi-probe (fewer keys for the slow ones)
     .venv/bin/python bench/ring.py --keys 200000 --sizes 10,100
+    .venv/bin/python bench/ring.py --only maglev,mpch
 
 Targets (shared/DESIGN.md): peak/mean ≤ 1.05 over 1M keys for N in 3..100; moved ≤ 1.2/N;
 lookup p99 ≤ 10 µs; build ≤ 50 ms at N = 1000. Timings are CPU time on this machine, best of
@@ -26,7 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from hashlib import blake2b
+from hashlib import blake2b, shake_128
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -104,16 +105,25 @@ def multi_probe(probes: int) -> Callable[[Sequence[Member]], Lookup]:
         own = [m for _, m in pts] + [pts[0][1]]
 
         def lookup(key: bytes) -> Member:
-            d = blake2b(key, digest_size=64).digest() + blake2b(key, digest_size=64, person=b"2").digest()
             best, who = 1 << 65, own[0]
-            for j in range(probes):
-                p = int.from_bytes(d[8 * j:8 * j + 8], "big")
+            for p in memoryview(shake_128(key).digest(8 * probes)).cast("Q"):
                 i = bisect.bisect_left(pos, p)
                 if pos[i] - p < best:
                     best, who = pos[i] - p, own[i]
             return who
         return lookup
     return build
+
+
+ALGORITHMS = {
+    "ours": Algorithm("spoa.ring (rendezvous race, 2^16 slots, 1.5 % load cap)", ours),
+    "maglev": Algorithm("Maglev, 65537 slots", maglev),
+    "ring16": Algorithm("ring, 16 points/member (HAProxy consistent)", point_ring(16), 4),
+    "ring160": Algorithm("ring, 160 points/member", point_ring(160), 4),
+    "mpch": Algorithm("multi-probe, 21 probes, 1 point/member", multi_probe(21), 10),
+    "hrw": Algorithm("rendezvous (N hashes per lookup)", rendezvous, 20),
+}
+NAMES = tuple(ALGORITHMS)
 
 
 # ---------------------------------------------------------------- measurements
@@ -193,18 +203,15 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5, help="builds timed per N (best is shown)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--compare", action="store_true", help="also run the algorithms we did not choose")
+    ap.add_argument("--only", default="", help="comma-separated names among: " + ", ".join(NAMES))
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     hash_key(b"warm-up")
-    algos = [Algorithm("spoa.ring (rendezvous race, 2^16 slots, 1.5 % load cap)", ours)]
+    algos = [ALGORITHMS["ours"]]
     if args.compare:
-        algos += [
-            Algorithm("Maglev, 65537 slots", maglev),
-            Algorithm("ring, 16 points/member (HAProxy consistent)", point_ring(16), 4),
-            Algorithm("ring, 160 points/member", point_ring(160), 4),
-            Algorithm("multi-probe, 21 probes", multi_probe(21), 10),
-            Algorithm("rendezvous (N hashes per lookup)", rendezvous, 20),
-        ]
+        algos = list(ALGORITHMS.values())
+    if args.only:
+        algos = [ALGORITHMS[name] for name in args.only.split(",")]
     for algo in algos:
         run(algo, sizes, args.keys, args.trials, args.repeat, args.seed)
 
