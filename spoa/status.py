@@ -15,7 +15,6 @@ import csv
 import io
 import json
 import os
-import socket
 import sys
 import time
 import urllib.error
@@ -27,6 +26,7 @@ from typing import Any, TextIO
 from prometheus_client.parser import text_string_to_metric_families
 
 from spoa.config import DEFAULT_RUN_DIR
+from spoa.local.haproxy import admin_command as haproxy_admin_command
 from spoa.member import Member
 
 PREFIX = "haproxy_swarm_"
@@ -127,17 +127,10 @@ def http_get(url: str, timeout: float = TIMEOUT) -> tuple[int, str]:
 def admin_command(path: str, command: str, timeout: float = TIMEOUT) -> str:
     """One command on HAProxy's admin socket; raises StatusError when it does not answer."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendall(command.encode() + b"\n")
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
+        return haproxy_admin_command(path, command, timeout)
     except OSError as e:
         raise StatusError(f"cannot reach HAProxy's admin socket {path}: {e.strerror or e} "
                           "(give it with --haproxy-socket or HAPROXY_SOCKET)") from e
-    return b"".join(chunks).decode("utf-8", "replace")
 
 
 def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:

@@ -22,6 +22,7 @@ from spoa.local.backends import Backend
 from spoa.local.dnsmasq import Dnsmasq
 from spoa.local.haproxy import admin_command, show_info
 from spoa.local.ports import free_port
+from spoa.status import parse_metrics
 
 SERVICE = "tasks.backend"
 
@@ -188,14 +189,5 @@ class Stack:
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples of `name` whose labels include `labels` (0 when absent)."""
-        total = 0.0
-        for line in self.metrics().splitlines():
-            if line.startswith("#") or not line.startswith(name):
-                continue
-            head, _, value = line.rpartition(" ")
-            metric, _, label_text = head.partition("{")
-            if metric != name:
-                continue
-            if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
-                total += float(value)
-        return total
+        samples = parse_metrics(self.metrics()).get(name, [])
+        return sum(value for have, value in samples if labels.items() <= have.items())
