@@ -140,7 +140,7 @@ class Metrics(AgentObserver):
         # ring
         self.ring_rebuilds = 0
         self.ring_rebuild_seconds = FastHistogram(REBUILD_BUCKETS)
-        self._shares_of: object = None
+        self._shares_of: tuple[object, object] | None = None
         self._shares: Mapping[Member, float] = {}
         # HAProxy runtime API
         self.runtime_commands: Counter[str] = Counter()
@@ -232,11 +232,12 @@ class Metrics(AgentObserver):
     # ------------------------------------------------------------------ collector
 
     def ring_shares(self) -> Mapping[Member, float]:
-        """Each UP member's share of the ring, computed once per ring (a ring is never mutated)."""
-        ring = self.agent.router.ring
-        if ring is not self._shares_of:
-            self._shares = dict(ring.shares())
-            self._shares_of = ring
+        """Each member's share of the keys, computed once per (ring, UP set): neither is mutated."""
+        router = self.agent.router
+        key = (router.ring, router.up)
+        if self._shares_of is None or key[0] is not self._shares_of[0] or key[1] is not self._shares_of[1]:
+            self._shares = router.shares()
+            self._shares_of = key
         return self._shares
 
     def collect(self) -> Iterator[Metric]:

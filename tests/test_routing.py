@@ -141,3 +141,21 @@ def test_hostile_values_only_ever_answer_a_current_member(sticky: bytes | None, 
     router = Router(make_settings(sticky_key="cookie:SWARMID,cookie:S,header:X-User,param:uid,src"), MEMBERS)
     answer = route(router, sticky=sticky, cookie=cookie, header=header, param=param)
     assert answer["server"] in {m.server_name for m in MEMBERS}
+
+
+def test_a_down_member_only_has_its_own_keys_served_elsewhere_and_gets_them_back() -> None:
+    router = Router(make_settings(sticky_key="header:X-User"), MEMBERS)
+    keys = [f"user-{i}".encode() for i in range(2000)]
+    before = {k: route(router, header=k)["server"] for k in keys}
+    down = MEMBERS[1]
+    router.update(MEMBERS, up=[m for m in MEMBERS if m != down])
+    during = {k: route(router, header=k)["server"] for k in keys}
+    for k in keys:
+        if before[k] == down.server_name:
+            assert during[k] != down.server_name
+        else:
+            assert during[k] == before[k]
+    shares = router.shares()
+    assert shares[down] == 0.0 and abs(sum(shares.values()) - 1.0) < 1e-9
+    router.update(MEMBERS)
+    assert {k: route(router, header=k)["server"] for k in keys} == before

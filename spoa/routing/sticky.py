@@ -20,7 +20,7 @@ from cachetools import TTLCache
 from spoa.config import KeySource, Settings
 from spoa.member import Member
 from spoa.protocol import Scope, encode_set_var
-from spoa.ring import Ring
+from spoa.ring import Ring, hash_key
 
 # Where a decision came from; the index is the position in the counters and in Target.actions.
 SOURCES: tuple[str, ...] = ("cookie", "header", "param", "src", "new", "none")
@@ -127,6 +127,7 @@ class Router:
         self._by_cookie: dict[str, Member] = {}
         self._cookie_of: dict[Member, str] = {}
         self._target_list: Sequence[Target] = ()
+        self._excluded: frozenset[Member] = frozenset()
         self.update(members)
 
     # ------------------------------------------------------------------ control path
@@ -134,28 +135,43 @@ class Router:
     def cookie_value(self, member: Member) -> str:
         return self._cookie_of.get(member) or cookie_value(member, self.secret)
 
-    def update(self, members: Iterable[Member], up: Iterable[Member] | None = None) -> None:
-        """Set the service's members, and which of them HAProxy reports UP (default: all)."""
+    def update(self, members: Iterable[Member], up: Iterable[Member] | None = None,
+               ring: Ring | None = None) -> None:
+        """Set the service's members, and which of them HAProxy reports UP (default: all).
+
+        The ring holds every member, UP or not: a member that goes DOWN only has its own keys served
+        elsewhere (the next choice on the ring), and they come back when it is UP again; a health
+        flap costs no rebuild. Pass `ring` when it was built elsewhere (off the event loop).
+        """
         members = frozenset(members)
         up_set = members if up is None else frozenset(up) & members
-        for gone in self.members - members:
-            self._gone[self._cookie_of[gone]] = gone
-        self._cookie_of = {m: self._cookie_of.get(m) or cookie_value(m, self.secret) for m in members}
-        # Cookie values of every member, UP or not: a cookie naming a DOWN member is served
-        # elsewhere meanwhile but not re-issued, so its user returns to it once it is UP again.
-        self._by_cookie = {value: m for m, value in self._cookie_of.items()}
-        for value in self._by_cookie:
-            self._gone.pop(value, None)
-        if up_set != self.up:
+        if members != self.members:
+            for gone in self.members - members:
+                self._gone[self._cookie_of[gone]] = gone
+            self._cookie_of = {m: self._cookie_of.get(m) or cookie_value(m, self.secret) for m in members}
+            # Cookie values of every member, UP or not: a cookie naming a DOWN member is served
+            # elsewhere meanwhile but not re-issued, so its user returns to it once it is UP again.
+            self._by_cookie = {value: m for m, value in self._cookie_of.items()}
+            for value in self._by_cookie:
+                self._gone.pop(value, None)
+            self.ring = ring if ring is not None and frozenset(ring.members) == members else Ring(members)
+        if up_set != self.up or members != self.members:
             self._targets = {m: self._targets.get(m) or self._make_target(m) for m in up_set}
             self._target_list = sorted(self._targets.values(), key=lambda t: t.member)
-            self.ring = Ring(up_set)
+            self._excluded = members - up_set
         self.members = members
         self.up = up_set
 
     def _make_target(self, member: Member) -> Target:
         value = self._cookie_of[member]
         return Target(member, value, f"{self.cookie_name}={value}{self._cookie_attrs}")
+
+    def shares(self) -> dict[Member, float]:
+        """Each member's share of the keys: its part of the ring, plus its part of the keys of the
+        members that are not UP (their keys spread over the others in proportion); 0 when not UP."""
+        raw = self.ring.shares()
+        total = sum(raw.get(m, 0.0) for m in self.up)
+        return {m: (raw.get(m, 0.0) / total if m in self.up and total else 0.0) for m in self.members}
 
     def cookie_map(self) -> dict[str, str]:
         """Cookie value → server name for the members that are UP: the map HAProxy routes with."""
@@ -213,8 +229,14 @@ class Router:
             key = key_bytes(value)
             if key is None:
                 continue
-            member = self.ring.lookup(key)
-            return targets[member], source, issue
+            h = hash_key(key)
+            target = targets.get(self.ring.lookup_hash(h))
+            if target is None:  # its member is not UP: the next choice on the ring that is
+                fallback = self.ring.lookup_hash_excluding(h, self._excluded)
+                if fallback is None:
+                    return None, NONE, False
+                target = targets[fallback]
+            return target, source, issue
         # Nothing in the chain: spread new sessions over every UP member.
         target = self._target_list[next(self._round_robin) % len(self._target_list)]
         return target, NEW, issue
