@@ -131,6 +131,9 @@ def test_cookie_map_names_only_up_members() -> None:
     assert Router(make_settings(sticky_key="src"), MEMBERS).cookie_map() == {}
 
 
+HOSTILE_ROUTER = Router(make_settings(sticky_key="cookie:SWARMID,cookie:S,header:X-User,param:uid,src"), MEMBERS)
+
+
 @settings(max_examples=300, deadline=None)
 @given(sticky=st.one_of(st.none(), st.binary(max_size=70000)),
        cookie=st.one_of(st.none(), st.binary(max_size=3000)),
@@ -138,8 +141,7 @@ def test_cookie_map_names_only_up_members() -> None:
        param=st.one_of(st.none(), st.binary(max_size=100)))
 def test_hostile_values_only_ever_answer_a_current_member(sticky: bytes | None, cookie: bytes | None,
                                                           header: Any, param: bytes | None) -> None:
-    router = Router(make_settings(sticky_key="cookie:SWARMID,cookie:S,header:X-User,param:uid,src"), MEMBERS)
-    answer = route(router, sticky=sticky, cookie=cookie, header=header, param=param)
+    answer = route(HOSTILE_ROUTER, sticky=sticky, cookie=cookie, header=header, param=param)
     assert answer["server"] in {m.server_name for m in MEMBERS}
 
 
