@@ -82,14 +82,18 @@ class Agent:
             log.info("HAProxy %s: %s", self.settings.haproxy_backend, report)
         self._last_errors = report.errors
         before = self.router.up
-        ring = None
-        if members != self.router.members:
-            # A rebuild is ~20-35 ms of pure Python at 1,000 members: build it in a thread so the
-            # event loop keeps answering HAProxy (the GIL switches every few ms), then swap it in.
+        up = report.up & members
+        ring = fallback = None
+        if members != self.router.members or up != self.router.up:
+            # A build is ~20-35 ms of pure Python at 1,000 members: build in a thread so the event
+            # loop keeps answering HAProxy (the GIL switches every few ms), then swap them in.
             started = time.perf_counter()
-            ring = await asyncio.to_thread(Ring, members)
+            if members != self.router.members:
+                ring = await asyncio.to_thread(Ring, members)
+            if up != members:
+                fallback = await asyncio.to_thread(Ring, up)
             self.metrics.ring_rebuilt(self.router, time.perf_counter() - started)
-        self.router.update(members, report.up, ring=ring)
+        self.router.update(members, up, ring=ring, fallback=fallback)
         if self.router.up != before:
             log.info("routing to %d members up (%s)", len(self.router.up), _describe(before, self.router.up))
         return report.retry_after

@@ -159,5 +159,8 @@ def test_a_down_member_only_has_its_own_keys_served_elsewhere_and_gets_them_back
             assert during[k] == before[k]
     shares = router.shares()
     assert shares[down] == 0.0 and abs(sum(shares.values()) - 1.0) < 1e-9
+    # Where its keys went is where they stay if it leaves for good: a scale-down moves them once.
+    router.update([m for m in MEMBERS if m != down])
+    assert {k: route(router, header=k)["server"] for k in keys} == during
     router.update(MEMBERS)
     assert {k: route(router, header=k)["server"] for k in keys} == before

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 import itertools
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,11 +124,11 @@ class Router:
         self.members: frozenset[Member] = frozenset()
         self.up: frozenset[Member] = frozenset()
         self.ring = Ring(())
+        self.fallback = self.ring
         self._targets: dict[Member, Target] = {}
         self._by_cookie: dict[str, Member] = {}
         self._cookie_of: dict[Member, str] = {}
         self._target_list: Sequence[Target] = ()
-        self._excluded: frozenset[Member] = frozenset()
         self.update(members)
 
     # ------------------------------------------------------------------ control path
@@ -136,12 +137,14 @@ class Router:
         return self._cookie_of.get(member) or cookie_value(member, self.secret)
 
     def update(self, members: Iterable[Member], up: Iterable[Member] | None = None,
-               ring: Ring | None = None) -> None:
+               ring: Ring | None = None, fallback: Ring | None = None) -> None:
         """Set the service's members, and which of them HAProxy reports UP (default: all).
 
-        The ring holds every member, UP or not: a member that goes DOWN only has its own keys served
-        elsewhere (the next choice on the ring), and they come back when it is UP again; a health
-        flap costs no rebuild. Pass `ring` when it was built elsewhere (off the event loop).
+        Two rings: `ring` over every member, and while some member is not UP, `fallback` over the
+        members that are. A key whose member is UP keeps it, so a health flap moves no other key;
+        a key whose member is not UP goes where it will go if that member is removed for good, so a
+        scale-down moves each of its sessions once. Pass the rings when they were built elsewhere
+        (off the event loop); they are built here otherwise.
         """
         members = frozenset(members)
         up_set = members if up is None else frozenset(up) & members
@@ -158,7 +161,12 @@ class Router:
         if up_set != self.up or members != self.members:
             self._targets = {m: self._targets.get(m) or self._make_target(m) for m in up_set}
             self._target_list = sorted(self._targets.values(), key=lambda t: t.member)
-            self._excluded = members - up_set
+            if up_set == members:
+                self.fallback = self.ring
+            elif fallback is not None and frozenset(fallback.members) == up_set:
+                self.fallback = fallback
+            else:
+                self.fallback = Ring(up_set)
         self.members = members
         self.up = up_set
 
@@ -167,11 +175,15 @@ class Router:
         return Target(member, value, f"{self.cookie_name}={value}{self._cookie_attrs}")
 
     def shares(self) -> dict[Member, float]:
-        """Each member's share of the keys: its part of the ring, plus its part of the keys of the
-        members that are not UP (their keys spread over the others in proportion); 0 when not UP."""
-        raw = self.ring.shares()
-        total = sum(raw.get(m, 0.0) for m in self.up)
-        return {m: (raw.get(m, 0.0) / total if m in self.up and total else 0.0) for m in self.members}
+        """Each member's share of the keys: 0 when it is not UP (its keys go the fallback ring's way)."""
+        counts: Counter[Member] = Counter()
+        up = self.up
+        if not up:
+            return dict.fromkeys(self.members, 0.0)
+        for slot, member in enumerate(self.ring.table):
+            counts[member if member in up else self.fallback.table[slot]] += 1
+        size = len(self.ring.table) or 1
+        return {m: counts.get(m, 0) / size for m in self.members}
 
     def cookie_map(self) -> dict[str, str]:
         """Cookie value → server name for the members that are UP: the map HAProxy routes with."""
@@ -231,11 +243,8 @@ class Router:
                 continue
             h = hash_key(key)
             target = targets.get(self.ring.lookup_hash(h))
-            if target is None:  # its member is not UP: the next choice on the ring that is
-                fallback = self.ring.lookup_hash_excluding(h, self._excluded)
-                if fallback is None:
-                    return None, NONE, False
-                target = targets[fallback]
+            if target is None:  # its member is not UP: where it goes if that member leaves
+                target = targets[self.fallback.lookup_hash(h)]
             return target, source, issue
         # Nothing in the chain: spread new sessions over every UP member.
         target = self._target_list[next(self._round_robin) % len(self._target_list)]
