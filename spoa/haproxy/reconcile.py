@@ -11,7 +11,11 @@ operator's static servers) is never touched.
 
 Rules, per server (every command targets the configured backend):
 - desired, absent: `add server <be>/<name> <addr> check inter .. fastinter .. downinter .. rise ..
-  fall ..`, then `enable health`. The server starts in maintenance with its checks running;
+  fall .. pool-max-conn -1 pool-purge-delay 5s`, then `enable health`. The server starts in
+  maintenance with its checks running. The pool keywords are what a server from the config file
+  gets by default; a dynamic server on 2.6 gets none of it (idle_lim 0 in `show servers conn`), so
+  HAProxy opened a new server connection for every request (measured: 2.3x the HAProxy CPU per
+  request, bench/e2e.py);
 - desired, in maintenance, checks passed (`srv_check_result` PASSED and the counter at `rise`):
   `enable server` - UP at once. Never earlier: leaving maintenance makes a server UP whether or not a
   check ever passed (measured on 2.6), so a task that does not listen yet would get requests;
@@ -42,6 +46,11 @@ _BACKEND_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 # RFC 6265 cookie-octet: no white space, DQUOTE, comma, semicolon or backslash - and so nothing that
 # could split a CLI command or a map line.
 _COOKIE_VALUE = re.compile(r"^[\x21\x23-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]{1,256}$")
+
+
+# Idle server connections kept for reuse, as for a server from the config file (HAProxy's defaults:
+# no limit, purged after 5 s idle). Without them a dynamic server on 2.6 never reuses a connection.
+POOL_KEYWORDS = "pool-max-conn -1 pool-purge-delay 5s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +204,8 @@ class Reconciler:
 
     def _add(self, member: Member) -> tuple[str, ...]:
         srv = self._srv(member.server_name)
-        return (f"add server {srv} {member.address} {self.checks.keywords()}", f"enable health {srv}")
+        return (f"add server {srv} {member.address} {self.checks.keywords()} {POOL_KEYWORDS}",
+                f"enable health {srv}")
 
     # ------------------------------------------------------------------ the plan
 
