@@ -20,6 +20,7 @@ from spoa.agent.loop import install_signal_handlers
 from spoa.config import Settings
 from spoa.discovery import Discovery
 from spoa.haproxy import HAProxyWriter
+from spoa.member import Member
 from spoa.metrics import Metrics, MetricsServer
 from spoa.ring import Ring
 from spoa.routing import Router
@@ -68,6 +69,10 @@ class Agent:
                 self.last_refresh = time.time()
         members = self.discovery.members
         self.metrics.members_changed(members)
+        if members != self.router.members:
+            # The router lets go of a leaving member before HAProxy is told to drain it, so no
+            # decision names a server HAProxy will not use.
+            await self._update_router(members, self.router.up & members)
         report = await self.writer.step(members, now)
         self.metrics.haproxy_step(report)
         if report.reachable != self.haproxy_reachable:
@@ -81,22 +86,23 @@ class Agent:
         if report.events or (report.errors and report.reachable and report.errors != self._last_errors):
             log.info("HAProxy %s: %s", self.settings.haproxy_backend, report)
         self._last_errors = report.errors
-        before = self.router.up
-        up = report.up & members
-        ring = fallback = None
-        if members != self.router.members or up != self.router.up:
-            # A build is ~20-35 ms of pure Python at 1,000 members: build in a thread so the event
-            # loop keeps answering HAProxy (the GIL switches every few ms), then swap them in.
-            started = time.perf_counter()
-            if members != self.router.members:
-                ring = await asyncio.to_thread(Ring, members)
-            if up != members:
-                fallback = await asyncio.to_thread(Ring, up)
-            self.metrics.ring_rebuilt(self.router, time.perf_counter() - started)
-        self.router.update(members, up, ring=ring, fallback=fallback)
-        if self.router.up != before:
-            log.info("routing to %d members up (%s)", len(self.router.up), _describe(before, self.router.up))
+        await self._update_router(members, report.up & members)
         return report.retry_after
+
+    async def _update_router(self, members: frozenset[Member], up: frozenset[Member]) -> None:
+        router = self.router
+        if members == router.members and up == router.up:
+            return
+        before = router.up
+        # A ring build is ~20-35 ms of pure Python at 1,000 members: build in a thread so the event
+        # loop keeps answering HAProxy (the GIL switches every few ms), then swap them in.
+        started = time.perf_counter()
+        ring = await asyncio.to_thread(Ring, members) if members != router.members else None
+        fallback = await asyncio.to_thread(Ring, up) if up != members else None
+        self.metrics.ring_rebuilt(router, time.perf_counter() - started)
+        router.update(members, up, ring=ring, fallback=fallback)
+        if router.up != before:
+            log.info("routing to %d members up (%s)", len(router.up), _describe(before, router.up))
 
     async def control_loop(self) -> None:
         loop = asyncio.get_running_loop()
