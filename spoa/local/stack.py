@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 
 from spoa.local.backends import Backend
@@ -37,17 +37,51 @@ def parse_servers_state(text: str) -> list[dict[str, str]]:
     return [dict(zip(names, ln.split(), strict=False)) for ln in lines if not ln.startswith("#") and " " in ln]
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of process `pid` (from /proc), oldest first; [] when it is gone."""
+    children: list[int] = []
+    try:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(b")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+            if int(fields[1]) == pid and fields[0] != b"Z":
+                children.append(int(entry))
+    except OSError:
+        return []
+    return sorted(children)
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
 class Stack:
     """dnsmasq serving `tasks.backend`, backends on 127.0.0.2.., and `haproxy-swarm run`."""
 
     def __init__(self, n_slots: int = 8, env: Mapping[str, str] | None = None, refresh: float = 0.5,
                  run_dir: str | None = None, dns: Dnsmasq | None = None, backend_port: int | None = None,
-                 service: str = SERVICE, ports: tuple[int, int, int] | None = None) -> None:
-        """`ports`: (traffic, stats, metrics); free ones by default."""
+                 service: str = SERVICE, ports: tuple[int, int, int] | None = None,
+                 tasks: Sequence[Backend] | None = None) -> None:
+        """`ports`: (traffic, stats, metrics); free ones by default. `tasks`: another Stack's backends
+        to share (with its `dns`); this Stack then never stops them."""
         self.run_dir = run_dir or tempfile.mkdtemp(prefix="haproxy-swarm-stack-")
         self._own_run_dir = run_dir is None
+        self._own_tasks = tasks is None
+        if tasks is not None:
+            backend_port = tasks[0].port
         self.backend_port = backend_port or free_port("127.0.0.2")
-        self.tasks = [Backend(f"127.0.0.{i + 2}", self.backend_port, name=f"task-{i + 1}") for i in range(n_slots)]
+        self.tasks = list(tasks) if tasks is not None else [
+            Backend(f"127.0.0.{i + 2}", self.backend_port, name=f"task-{i + 1}") for i in range(n_slots)]
         self._own_dns = dns is None
         self.dns = dns or Dnsmasq()
         self.service = service
@@ -103,8 +137,9 @@ class Stack:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
-        for task in self.tasks:
-            task.stop()
+        if self._own_tasks:
+            for task in self.tasks:
+                task.stop()
         if self._own_dns:
             self.dns.stop()
         if self._own_run_dir:
@@ -167,6 +202,25 @@ class Stack:
                 return time.monotonic() - start
             time.sleep(0.05)
         raise TimeoutError(f"HAProxy shows {sorted(self.up())} UP, wanted {sorted(want)}; log:\n{self.log_tail()}")
+
+    def agent_pid(self) -> int | None:
+        """The pid of the agent `run` supervises now (None while it is being restarted)."""
+        return self._child("agent")
+
+    def haproxy_pid(self) -> int | None:
+        """The pid of HAProxy's master process (its workers are the master's children)."""
+        return self._child("haproxy")
+
+    def _child(self, kind: str) -> int | None:
+        if self.proc is None:
+            return None
+        for pid in child_pids(self.proc.pid):
+            argv = _cmdline(pid)
+            is_agent = argv[-3:] == ["spoa", "agent", ""]  # `python -m spoa agent`, as the supervisor starts it
+            is_haproxy = bool(argv) and os.path.basename(argv[0]) == "haproxy"
+            if (is_agent and kind == "agent") or (is_haproxy and kind == "haproxy"):
+                return pid
+        return None
 
     def check_running(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
