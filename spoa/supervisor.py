@@ -18,7 +18,7 @@ import sys
 import time
 from types import FrameType
 
-from spoa.config import Settings, settings_env
+from spoa.config import HostPort, Settings, settings_env
 from spoa.local.haproxy import HAProxyError, HAProxyProcess, shipped_config, show_info
 
 log = logging.getLogger("spoa.supervisor")
@@ -86,6 +86,14 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reload)
+        for name, address in (("AGENT_LISTEN", self.settings.listen),
+                              ("METRICS_LISTEN", self.settings.metrics_listen)):
+            problem = _cannot_listen(address)
+            if problem:
+                # Checked before anything starts: with a foreign listener there, the agent's port would
+                # seem to answer and HAProxy would send its SPOP frames to that other program.
+                log.error("cannot start: %s %s: %s", name, address, problem)
+                return 1
         try:
             self.haproxy.check()
         except HAProxyError as e:
@@ -158,6 +166,18 @@ class Supervisor:
             except subprocess.TimeoutExpired:
                 agent.kill()
                 agent.wait(timeout=5)
+
+
+def _cannot_listen(address: HostPort) -> str | None:
+    """Why a TCP listener cannot be opened on `address` right now (e.g. in use), or None."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the agent does: TIME_WAIT is no obstacle
+        try:
+            s.bind((address.host, address.port))
+        except OSError as e:
+            return (e.strerror or str(e)).lower()
+    return None
 
 
 def run(settings: Settings) -> int:
