@@ -225,17 +225,21 @@ class Router:
             if value is None:
                 continue
             if arg == "sticky":
+                if len(value) != COOKIE_VALUE_LENGTH:  # not one we issued; nothing more to read
+                    if value:
+                        self.cookies_invalid += 1
+                    continue
                 text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
                 known = self._by_cookie.get(text)
                 if known is not None:
                     target = targets.get(known)
                     if target is not None:
                         return target, COOKIE, False
-                    # Its member is DOWN: serve elsewhere, keep the cookie for when it is back.
+                    # Its member is not UP: serve elsewhere, keep the cookie for when it is back.
                     issue = False
                 elif text in self._gone:
                     self.cookies_rerouted += 1
-                elif text:
+                else:
                     self.cookies_invalid += 1
                 continue
             key = key_bytes(value)
