@@ -135,11 +135,11 @@ HOSTILE_ROUTER = Router(make_settings(sticky_key="cookie:SWARMID,cookie:S,header
 
 
 @settings(max_examples=300, deadline=None)
-@given(sticky=st.one_of(st.none(), st.binary(max_size=70000)),
+@given(sticky=st.one_of(st.none(), st.binary(max_size=70000), st.integers(), st.booleans()),
        cookie=st.one_of(st.none(), st.binary(max_size=3000)),
        header=st.one_of(st.none(), st.binary(max_size=3000), st.text(max_size=100)),
        param=st.one_of(st.none(), st.binary(max_size=100)))
-def test_hostile_values_only_ever_answer_a_current_member(sticky: bytes | None, cookie: bytes | None,
+def test_hostile_values_only_ever_answer_a_current_member(sticky: bytes | int | None, cookie: bytes | None,
                                                           header: Any, param: bytes | None) -> None:
     answer = route(HOSTILE_ROUTER, sticky=sticky, cookie=cookie, header=header, param=param)
     assert answer["server"] in {m.server_name for m in MEMBERS}

@@ -225,7 +225,8 @@ class Router:
             if value is None:
                 continue
             if arg == "sticky":
-                if len(value) != COOKIE_VALUE_LENGTH:  # not one we issued; nothing more to read
+                if not isinstance(value, bytes | str) or len(value) != COOKIE_VALUE_LENGTH:
+                    # Not one we issued; nothing more to read.
                     if value:
                         self.cookies_invalid += 1
                     continue
