@@ -1,6 +1,6 @@
 """Agent micro-benchmark (not a test): prints figures.
 
-1. codec: decode NOTIFY + build ACK per second in one process (pure `spoa.protocol`, no I/O).
+1. codec: decode NOTIFY + build ACK per CPU-second in one process (pure `spoa.protocol`, no I/O).
 2. round trips: NOTIFY→ACK decisions per second over loopback. The agent (`AgentServer`, uvloop
    when installed) runs in its own process pinned to one core; a client process on another core
    pipelines like HAProxy 2.6: several connections, up to 20 NOTIFYs in flight on each.
@@ -10,10 +10,15 @@
     .venv/bin/python bench/agent.py --seconds 10 --connections 8 --inflight 20
     .venv/bin/python bench/agent.py --asyncio      # the agent on asyncio's loop instead of uvloop
     .venv/bin/python bench/agent.py --observer     # with metrics hooks attached
+    .venv/bin/python bench/agent.py --real         # the real Router and the real Metrics observer,
+                                                   # NOTIFYs shaped like the shipped spoe.conf's
 
 The NOTIFY is shaped like the routing message: a 32-byte sticky cookie, three absent (NULL) key
-slots and the client's IPv4 address. The target for the finished agent is ≥ 50,000 decisions/s on
-one core.
+slots and the client's IPv4 address, answered by a fixed handler. With `--real` it is what the
+shipped spoe.conf sends on a first visit (no sticky cookie, three unused NULL slots, the client's
+IPv4 address, `ssl` false), decided by `spoa.routing.Router` over 3 members with the default key
+chain (source-address hash, a sticky cookie issued) and timed by `spoa.metrics.Metrics`, as in
+`haproxy-swarm agent`. The target for the finished agent is ≥ 50,000 decisions/s on one core.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import cast
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from spoa.agent import AgentObserver, AgentServer, fixed_handler, new_event_loop, uses_uvloop
+from spoa.agent import AgentObserver, AgentServer, Handler, fixed_handler, new_event_loop, uses_uvloop
 from spoa.config import HostPort
 from spoa.protocol import (
     Connection,
@@ -46,7 +51,16 @@ _LENGTH = struct.Struct(">I")
 TARGET = "10.0.1.5_80"
 
 
-def routing_message(i: int = 0) -> bytes:
+def routing_message(i: int = 0, real: bool = False) -> bytes:
+    if real:  # the shipped spoe.conf's `route` message on a first visit
+        return encode_message("route", {
+            "sticky": None,
+            "cookie": None,
+            "header": None,
+            "param": None,
+            "src": ipaddress.IPv4Address(0x0A000000 + (i & 0xFFFF)),
+            "ssl": False,
+        })
     return encode_message("route", {
         "sticky": f"{i:032x}".encode(),
         "cookie": None,
@@ -54,6 +68,25 @@ def routing_message(i: int = 0) -> bytes:
         "param": None,
         "src": ipaddress.IPv4Address(0x0A000000 + (i & 0xFFFF)),
     })
+
+
+def real_agent() -> tuple[Handler, AgentObserver]:
+    """The production handler and observer: `Router.handle` over 3 members, timed by `Metrics`."""
+    from spoa.config import load_settings
+    from spoa.member import Member
+    from spoa.metrics import Metrics
+    from spoa.routing import Router
+
+    settings = load_settings({}, environ={"SWARM_SERVICE": "tasks.backend:80", "DNS_NAMESERVER": "127.0.0.1",
+                                          "COOKIE_SECRET": "bench"})
+    router = Router(settings, [Member.parse(f"10.0.1.{i}", 80) for i in range(1, 4)])
+
+    class State:  # what Metrics reads from the agent
+        def __init__(self) -> None:
+            self.settings = settings
+            self.router = router
+
+    return router.handle, Metrics(State())  # type: ignore[arg-type]
 
 
 def pin(cpu: int) -> str:
@@ -67,26 +100,26 @@ def pin(cpu: int) -> str:
 # --------------------------------------------------------------------------- 1. codec
 
 
-def bench_codec(seconds: float) -> float:
+def bench_codec(seconds: float, real: bool = False) -> float:
     conn = Connection()
     conn.receive_data(encode_haproxy_hello())
     conn.data_to_send()
-    handler = fixed_handler(TARGET)
-    chunks = [b"".join(encode_notify(1000 + 20 * j + i, 1, routing_message(20 * j + i)) for i in range(20))
+    handler = real_agent()[0] if real else fixed_handler(TARGET)
+    chunks = [b"".join(encode_notify(1000 + 20 * j + i, 1, routing_message(20 * j + i, real)) for i in range(20))
               for j in range(50)]
     done = 0
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: other work on the machine does not count
     deadline = started + seconds
-    while time.perf_counter() < deadline:
+    while time.process_time() < deadline:
         for chunk in chunks:
             ack = conn.ack
             out = [ack(e.stream_id, e.frame_id, handler(e.messages))  # type: ignore[union-attr]
                    for e in conn.receive_data(chunk)]
             b"".join(out)
             done += len(out)
-    rate = done / (time.perf_counter() - started)
-    print(f"codec: {rate:,.0f} NOTIFY decoded + ACK built per second in one process "
-          f"({1e6 / rate:.2f} µs each)")
+    rate = done / (time.process_time() - started)
+    print(f"codec: {rate:,.0f} NOTIFY decoded{', routed' if real else ''} + ACK built per CPU-second in one "
+          f"process ({1e6 / rate:.2f} µs each)")
     return rate
 
 
@@ -107,13 +140,13 @@ class _CountingObserver(AgentObserver):
         self.buckets[min(7, int(seconds * 1e5))] += 1
 
 
-def agent_process(pipe: Pipe, cpu: int, stdlib_loop: bool, observed: bool) -> None:
+def agent_process(pipe: Pipe, cpu: int, stdlib_loop: bool, observed: bool, real: bool) -> None:
     where = pin(cpu)
     loop = asyncio.new_event_loop() if stdlib_loop else new_event_loop()
     asyncio.set_event_loop(loop)
 
     decided = [0]
-    answer = fixed_handler(TARGET)
+    answer, observer = real_agent() if real else (fixed_handler(TARGET), _CountingObserver())
 
     def handler(messages: list[Message]) -> bytes:
         decided[0] += 1
@@ -121,7 +154,7 @@ def agent_process(pipe: Pipe, cpu: int, stdlib_loop: bool, observed: bool) -> No
 
     async def main() -> None:
         server = AgentServer(HostPort("127.0.0.1", 0), handler, read_timeout=None,
-                             observer=_CountingObserver() if observed else None)
+                             observer=observer if observed or real else None)
         await server.start()
         pipe.send((server.address.port, where, uses_uvloop(loop)))
         cpu_started = time.process_time()
@@ -181,7 +214,8 @@ class _Client(asyncio.Protocol):
                 self.send(acks)
 
 
-def client_process(port: int, cpu: int, connections: int, inflight: int, seconds: float, pipe: Pipe) -> None:
+def client_process(port: int, cpu: int, connections: int, inflight: int, seconds: float, real: bool,
+                   pipe: Pipe) -> None:
     pin(cpu)
     loop = new_event_loop()
     asyncio.set_event_loop(loop)
@@ -190,7 +224,7 @@ def client_process(port: int, cpu: int, connections: int, inflight: int, seconds
     async def main() -> tuple[int, float]:
         clients = []
         for c in range(connections):
-            frames = [encode_notify(c * 1_000_000 + i, 1, routing_message(i)) for i in range(2000)]
+            frames = [encode_notify(c * 1_000_000 + i, 1, routing_message(i, real)) for i in range(2000)]
             ready: asyncio.Future[None] = loop.create_future()
             _, proto = await loop.create_connection(
                 lambda f=frames, r=ready: _Client(f, inflight, counter, r), "127.0.0.1", port)  # type: ignore[misc]
@@ -213,16 +247,16 @@ def client_process(port: int, cpu: int, connections: int, inflight: int, seconds
 
 
 def bench_round_trips(seconds: float, connections: int, inflight: int, stdlib_loop: bool = False,
-                      observed: bool = False) -> float:
+                      observed: bool = False, real: bool = False) -> float:
     ctx = multiprocessing.get_context("spawn")
     agent_pipe, agent_end = ctx.Pipe()
-    agent = ctx.Process(target=agent_process, args=(agent_end, 0, stdlib_loop, observed), daemon=True)
+    agent = ctx.Process(target=agent_process, args=(agent_end, 0, stdlib_loop, observed, real), daemon=True)
     agent.start()
     try:
         port, where, uvloop_used = agent_pipe.recv()
         client_pipe, client_end = ctx.Pipe()
         client = ctx.Process(target=client_process,
-                             args=(port, 1, connections, inflight, seconds, client_end), daemon=True)
+                             args=(port, 1, connections, inflight, seconds, real, client_end), daemon=True)
         client.start()
         done, elapsed = client_pipe.recv()
         client.join(10)
@@ -235,7 +269,8 @@ def bench_round_trips(seconds: float, connections: int, inflight: int, stdlib_lo
             agent.join()
     rate = float(done) / float(elapsed)
     print(f"round trips: {rate:,.0f} NOTIFY→ACK decisions per second over loopback "
-          f"(agent {'uvloop' if uvloop_used else 'asyncio'}{', observed' if observed else ''}, {where}; "
+          f"(agent {'uvloop' if uvloop_used else 'asyncio'}"
+          f"{', real Router + Metrics' if real else ', observed' if observed else ''}, {where}; "
           f"{connections} connections x "
           f"{inflight} in flight; {done:,} in {elapsed:.1f} s)")
     print(f"agent process: {decided / agent_cpu:,.0f} decisions per CPU-second of the agent "
@@ -251,11 +286,13 @@ def main() -> None:
     parser.add_argument("--inflight", type=int, default=20)
     parser.add_argument("--asyncio", action="store_true", help="run the agent on asyncio's own loop, not uvloop")
     parser.add_argument("--observer", action="store_true", help="with an observer (metrics hooks) attached")
+    parser.add_argument("--real", action="store_true",
+                        help="the real Router and Metrics, NOTIFYs shaped like the shipped spoe.conf's")
     args = parser.parse_args()
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus")
-    bench_codec(min(args.seconds, 3.0))
+    bench_codec(min(args.seconds, 3.0), args.real)
     if not args.codec:
-        bench_round_trips(args.seconds, args.connections, args.inflight, args.asyncio, args.observer)
+        bench_round_trips(args.seconds, args.connections, args.inflight, args.asyncio, args.observer, args.real)
 
 
 if __name__ == "__main__":
