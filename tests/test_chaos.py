@@ -110,26 +110,6 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 20.0, interv
     return time.monotonic() - start
 
 
-def agent_pid(stack: Stack) -> int | None:
-    """The pid of the agent process `haproxy-swarm run` supervises (None while it is restarting)."""
-    assert stack.proc is not None
-    parent = str(stack.proc.pid)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().split(b"\0")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2:].split()
-        if fields[1].decode() == parent and fields[0] != b"Z" and b"agent" in cmdline and b"spoa" in cmdline:
-            return int(entry)
-    return None
-
-
 def scrape(stack: Stack, name: str, **labels: str) -> float | None:
     try:
         return stack.metric(name, **labels)
@@ -238,17 +218,17 @@ def test_chaos_under_load(stack: Stack) -> None:
         faults.append(scale([0, 1], "scale 6 -> 2", keep_running=frozenset({2, 3})))
 
         # 4. kill -9 the agent: `run` restarts it; HAProxy balances on its own meanwhile.
-        pid = agent_pid(stack)
+        pid = stack.agent_pid()
         assert pid is not None
         fault = Fault("kill -9 agent", time.monotonic())
         os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: agent_pid(stack) not in (None, pid), "the agent to be restarted", 15)
+        wait_for(lambda: stack.agent_pid() not in (None, pid), "the agent to be restarted", 15)
         fault.end = time.monotonic()
         fault.recovered = wait_decisions_moving(stack, fault.end)
         faults.append(fault)
 
         # 5. SIGSTOP the agent for 5 s (a frozen agent: HAProxy must not wait on it).
-        pid = agent_pid(stack)
+        pid = stack.agent_pid()
         assert pid is not None
         fault = Fault("SIGSTOP agent 5 s", time.monotonic())
         os.kill(pid, signal.SIGSTOP)
@@ -258,7 +238,7 @@ def test_chaos_under_load(stack: Stack) -> None:
             os.kill(pid, signal.SIGCONT)
         fault.end = time.monotonic()
         fault.recovered = wait_decisions_moving(stack, fault.end)
-        assert agent_pid(stack) == pid, "the frozen agent was restarted instead of resumed"
+        assert stack.agent_pid() == pid, "the frozen agent was restarted instead of resumed"
         faults.append(fault)
 
         # 6. The DNS server is down for longer than DNS_REFRESH and MEMBER_GRACE, then back on its port.

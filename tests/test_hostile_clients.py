@@ -22,7 +22,6 @@ And for the agent: no handler error, no SPOP protocol error, the same pid at the
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -218,23 +217,6 @@ async def run(port: int, cases: list[Case]) -> dict[int, Answer]:
 # --------------------------------------------------------------------------- the test
 
 
-def agent_pid(stack: Stack) -> int:
-    assert stack.proc is not None
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().split(b"\0")
-        except OSError:
-            continue
-        if stat[stat.rindex(b")") + 2:].split()[1] == str(stack.proc.pid).encode() and b"agent" in cmdline:
-            return int(entry)
-    raise AssertionError("no agent process under `haproxy-swarm run`")
-
-
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
@@ -252,7 +234,8 @@ def test_ten_thousand_hostile_requests(stack: Stack) -> None:
     issued = {f"SWARMID={cookie_value(m, SECRET)}" for m in members}
     hostile = Hostile(20240607, members)
     cases = [hostile.case() for _ in range(REQUESTS)]
-    pid = agent_pid(stack)
+    pid = stack.agent_pid()
+    assert pid is not None
 
     warm = asyncio.run(run(stack.traffic_port, [Case(b"GET / HTTP/1.1\r\nHost: w\r\n\r\n", False)] * 200))
     assert all(a.status == 200 for a in warm.values())
@@ -289,7 +272,7 @@ def test_ten_thousand_hostile_requests(stack: Stack) -> None:
     print(f"agent: {decided:.0f} decisions, RSS {rss_before:.1f} -> {rss_after:.1f} MB")
     assert stack.metric("haproxy_swarm_handler_errors_total") == 0
     assert stack.metric("haproxy_swarm_spop_protocol_errors_total") == 0
-    assert agent_pid(stack) == pid
+    assert stack.agent_pid() == pid
     assert rss_after - rss_before < RSS_GROWTH_MB
     # Every 200 but those a member's cookie routed through HAProxy's cookie map asked the agent.
     by_map = sum(1 for c in cases if c.cookie_member is not None)

@@ -182,23 +182,6 @@ class Steady(threading.Thread):
         return self.acks
 
 
-def agent_pid(stack: Stack) -> int:
-    assert stack.proc is not None
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().split(b"\0")
-        except OSError:
-            continue
-        if stat[stat.rindex(b")") + 2:].split()[1] == str(stack.proc.pid).encode() and b"agent" in cmdline:
-            return int(entry)
-    raise AssertionError("no agent process under `haproxy-swarm run`")
-
-
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -240,7 +223,8 @@ def target() -> Iterator[Target]:
         steady.start()
         load.start()
         try:
-            pid = agent_pid(stack)
+            pid = stack.agent_pid()
+            assert pid is not None
             yield Target(stack, pid, stack.agent_port, steady, load, rss_mb(pid))
         finally:
             steady.stopping.set()
@@ -248,7 +232,7 @@ def target() -> Iterator[Target]:
             steady.peer.close()
             summary = load.stop()
         assert summary.failed == 0, summary
-        assert agent_pid(stack) == pid, "the agent was restarted"
+        assert stack.agent_pid() == pid, "the agent was restarted"
 
 
 # --------------------------------------------------------------------------- fuzzed frames
@@ -345,7 +329,7 @@ def test_fuzzing_left_no_agent_error_and_others_kept_their_answers(target: Targe
     assert target.metric("haproxy_swarm_handler_errors_total") == 0
     target.steady.check(0)
     assert target.http_ok_since(0) > 0
-    assert agent_pid(target.stack) == target.pid
+    assert target.stack.agent_pid() == target.pid
 
 
 # --------------------------------------------------------------------------- each misbehaviour, its status
