@@ -113,6 +113,8 @@ class Stack:
         } | self.extra_env
 
     def start(self, members: Iterable[int] = (0, 1, 2), wait: bool = True) -> Stack:
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError("this Stack is already running")  # a second `run` would be left behind
         try:
             if self._own_dns and not self.dns.running:
                 self.dns.start()
