@@ -148,6 +148,8 @@ class Stack:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def __enter__(self) -> Stack:
+        if self.proc is not None and self.proc.poll() is None:
+            return self  # `with stack.start(members):` - already started
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
