@@ -2,7 +2,8 @@
 ARG HAPROXY_IMAGE=haproxy:3.4
 FROM ${HAPROXY_IMAGE}
 
-USER root
+# Numeric ids (hadolint DL3066): 0 is root; 99:99 is haproxy:haproxy in the official image.
+USER 0:0
 # python3 for the agent, tini as init (signals reach both processes, zombies are reaped).
 # Versions come from the base image's Debian release; pinning them would break on its next update.
 # hadolint ignore=DL3008
@@ -23,9 +24,12 @@ ENV PATH=/opt/haproxy-swarm/bin:$PATH \
     HAPROXY_CONFIG=/etc/haproxy-swarm/haproxy.cfg \
     PYTHONUNBUFFERED=1
 
-USER haproxy
+USER 99:99
 EXPOSE 8099 8888 9101
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
     CMD ["haproxy-swarm", "health", "--url", "http://127.0.0.1:9101/readyz"]
+# The official image stops with SIGUSR1 (HAProxy's soft-stop); `run` soft-stops HAProxy and stops
+# the agent on SIGTERM, and SIGUSR1 would kill it before it could.
+STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["haproxy-swarm", "run"]
