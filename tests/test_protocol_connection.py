@@ -387,6 +387,24 @@ def test_ack_refuses_empty_or_oversized_actions() -> None:
     assert len(conn.ack(1 << 60, 1 << 60, fits)) - 4 <= 256
 
 
+@given(st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 64) - 1), st.binary(min_size=1, max_size=300))
+def test_ack_from_wire_ids_is_the_same_frame_as_ack(sid: int, fid: int, actions: bytes) -> None:
+    """The per-request path echoes the NOTIFY's id bytes instead of encoding the ids again."""
+    conn = Connection(max_frame_size=256)
+    conn.receive_data(encode_haproxy_hello())
+    (event,) = conn.receive_data(encode_notify(sid, fid, encode_message("route", {"k": b"v"})))
+    assert isinstance(event, Notify) and (event.stream_id, event.frame_id) == (sid, fid)
+    try:
+        expected = conn.ack(sid, fid, actions)
+    except ValueError:
+        with pytest.raises(ValueError):
+            conn.ack_ids(event.ids, actions)
+        return
+    assert conn.ack_ids(event.ids, actions) == expected
+    with pytest.raises(ValueError):
+        conn.ack_ids(event.ids, b"")
+
+
 # --------------------------------------------------------------------------- streams, split and fuzzed
 
 STREAM = GOLDEN_HELLO + GOLDEN_NOTIFY + GOLDEN_NOTIFY_NULLS + encode_haproxy_disconnect(0, "")

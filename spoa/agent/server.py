@@ -34,6 +34,7 @@ from spoa.protocol import (
 )
 
 log = logging.getLogger("spoa.agent")
+_clock = time.perf_counter
 
 DEFAULT_ERROR_ACTIONS = encode_set_var(Scope.TRANSACTION, "agent_error", True)
 """Answered when the handler fails: `txn.<prefix>.agent_error = true`, and no target."""
@@ -129,49 +130,46 @@ class _SpopProtocol(asyncio.Protocol):
             return
         head = conn.data_to_send()  # an AGENT-HELLO goes before any ACK
         out = [head] if head else []
-        if server.observer is None:
-            append = out.append
-            handler = server.handler
-            ack = conn.ack
-            for event in events:
-                if type(event) is Notify:
-                    try:
-                        append(ack(event.stream_id, event.frame_id, handler(event.messages)))
-                    except Exception as exc:
-                        append(server.failed_ack(conn, event, exc))
-        else:
-            self._answer_observed(events, out)
+        self._answer(events, out)
         if out:
             transport.write(out[0] if len(out) == 1 else b"".join(out))
         if conn.buffered and self.timer is None:
             self._arm()
 
-    def _answer_observed(self, events: list[Notify | Hello | Disconnected], out: list[bytes]) -> None:
-        """The same answers as the plain path, timing each decision for the observer."""
+    def _answer(self, events: list[Notify | Hello | Disconnected], out: list[bytes]) -> None:
+        """Append one ACK per NOTIFY to `out`, timing each decision for the observer if any."""
         conn = self.conn
+        assert conn is not None
         server = self.server
-        observer = server.observer
-        assert conn is not None and observer is not None
         handler = server.handler
-        ack = conn.ack
+        ack = conn.ack_ids
+        append = out.append
+        observer = server.observer
+        if observer is None:
+            for event in events:
+                if type(event) is Notify:
+                    try:
+                        append(ack(event.ids, handler(event.messages)))
+                    except Exception as exc:
+                        append(server.failed_ack(conn, event, exc))
+            return
         decision = observer.decision
-        clock = time.perf_counter
         notifies = 0
-        started = clock()
+        started = _clock()
         for event in events:
             if type(event) is Notify:
                 notifies += 1
                 try:
-                    out.append(ack(event.stream_id, event.frame_id, handler(event.messages)))
+                    append(ack(event.ids, handler(event.messages)))
                 except Exception as exc:
-                    out.append(server.failed_ack(conn, event, exc))
-                done = clock()
+                    append(server.failed_ack(conn, event, exc))
+                done = _clock()
                 decision(done - started)
                 started = done
             else:
-                kind = FrameType.HAPROXY_HELLO if type(event) is Hello else FrameType.HAPROXY_DISCONNECT
-                observer.frames_received(kind, 1)
-                started = clock()
+                observer.frames_received(
+                    FrameType.HAPROXY_HELLO if type(event) is Hello else FrameType.HAPROXY_DISCONNECT, 1)
+                started = _clock()
         if notifies:
             observer.frames_received(FrameType.NOTIFY, notifies)
 
@@ -181,24 +179,10 @@ class _SpopProtocol(asyncio.Protocol):
         transport = self.transport
         assert conn is not None and transport is not None
         out: list[bytes] = []
-        if self.server.observer is not None:
-            self._answer_observed(events, out)
-        else:
-            self._answer_plain(events, out)
+        self._answer(events, out)
         out.append(conn.data_to_send())  # AGENT-DISCONNECT, or a health check's AGENT-HELLO
         transport.write(b"".join(out))
         self._finish()
-
-    def _answer_plain(self, events: list[Notify | Hello | Disconnected], out: list[bytes]) -> None:
-        conn = self.conn
-        assert conn is not None
-        server = self.server
-        for event in events:
-            if type(event) is Notify:
-                try:
-                    out.append(conn.ack(event.stream_id, event.frame_id, server.handler(event.messages)))
-                except Exception as exc:
-                    out.append(server.failed_ack(conn, event, exc))
 
     # -- timers and teardown
 

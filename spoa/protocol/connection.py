@@ -20,7 +20,7 @@ Write order, for the caller (see `spoa.agent.server`):
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from spoa.protocol.codec import Value
@@ -43,6 +43,8 @@ from spoa.protocol.frames import (
 SPOP_VERSION = "2.0"
 _SPOP_MAJOR = 2
 _unpack_length = struct.Struct(">I").unpack_from
+_pack_length = struct.Struct(">I").pack
+_ACK_HEAD = bytes((FrameType.ACK,)) + FLAG_FIN.to_bytes(4, "big")
 
 
 class State(Enum):
@@ -53,11 +55,16 @@ class State(Enum):
 
 @dataclass(slots=True)
 class Notify:
-    """A NOTIFY to answer with exactly one ACK carrying the same (stream_id, frame_id)."""
+    """A NOTIFY to answer with exactly one ACK carrying the same (stream_id, frame_id).
+
+    `ids` holds the two ids as they were on the wire (both varints): `Connection.ack_ids` puts them
+    back into the ACK as they are, without encoding them again.
+    """
 
     stream_id: int
     frame_id: int
     messages: list[Message]
+    ids: bytes = field(default=b"", compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,10 +153,11 @@ class Connection:
                 if end > size:
                     break
                 frame_type, flags, stream_id, frame_id, p = decode_metadata(buf, pos + 4, end)
-                pos = end
                 if frame_type == 3 and ready and flags & FLAG_FIN:
-                    events.append(Notify(stream_id, frame_id, decode_messages(buf, p, end)))
+                    events.append(Notify(stream_id, frame_id, decode_messages(buf, p, end), buf[pos + 9 : p]))
+                    pos = end
                     continue
+                pos = end
                 event = self._control_frame(frame_type, flags, buf, p, end)
                 if event is not None:
                     events.append(event)
@@ -247,6 +255,15 @@ class Connection:
                                  f"{self.max_frame_size}, got {len(actions)} bytes")
             return frame
         return encode_ack(stream_id, frame_id, actions)
+
+    def ack_ids(self, ids: bytes, actions: bytes) -> bytes:
+        """The ACK for a NOTIFY from its wire ids (`Notify.ids`): the per-request path. Same checks
+        and result as `ack(stream_id, frame_id, actions)`."""
+        size = 5 + len(ids) + len(actions)
+        if not actions or size > self.max_frame_size:
+            raise ValueError(f"ACK actions must be non-empty and fit max-frame-size "
+                             f"{self.max_frame_size}, got {len(actions)} bytes")
+        return _pack_length(size) + _ACK_HEAD + ids + actions
 
     def data_to_send(self) -> bytes:
         """AGENT-HELLO / AGENT-DISCONNECT bytes produced since the last call (see the write order)."""
