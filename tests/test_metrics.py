@@ -287,6 +287,19 @@ def test_decision_latency_histogram_buckets_are_cumulative() -> None:
     assert value(samples, "haproxy_swarm_decision_seconds_sum") == pytest.approx(sum(observed))
 
 
+def test_a_read_of_notifies_is_one_batch_in_the_bucket_of_its_mean() -> None:
+    """The server reads the clock once per read: `decision_batch(total, n)` counts n decisions in the
+    bucket of total / n and adds total to the sum, like n calls of `decision(total / n)`."""
+    batched, single = Metrics(make_agent()), Metrics(make_agent())
+    for total, n in ((60e-6, 10), (4e-6, 1), (3e-3, 2)):
+        batched.decision_batch(total, n)
+        for _ in range(n):
+            single.decision(total / n)
+    assert batched.decision_latency.counts == single.decision_latency.counts
+    assert batched.decision_latency.count == 13
+    assert batched.decision_latency.sum == pytest.approx(single.decision_latency.sum)
+
+
 def test_members_gauge_changes_and_recent_events() -> None:
     agent = make_agent(MEMBER_GRACE="10")
     metrics = Metrics(agent)
