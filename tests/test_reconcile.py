@@ -244,6 +244,19 @@ def test_reload_is_detected_and_everything_re_added(r: Reconciler) -> None:
     assert not plan(r, {M1, M2}, [fresh(M1), fresh(M2)], pid=200).reloaded
 
 
+def test_after_a_reload_members_that_were_up_are_enabled_at_once_pending_ones_wait(r: Reconciler) -> None:
+    plan(r, {M1, M2}, [up(M1), fresh(M2)], pid=100)  # M2: a starting task, no check passed yet
+    p = plan(r, {M1, M2}, [template(1)], pid=200)
+    by_server = {a.server: a for a in p.actions}
+    assert by_server[M1.server_name].becomes_up
+    assert by_server[M1.server_name].commands[-1] == f"enable server {BE}/{M1.server_name}"
+    assert not by_server[M2.server_name].becomes_up
+    assert not any(c.startswith("enable server") for c in by_server[M2.server_name].commands)
+    # Without a reload, a server that vanished is a new server again: checks first.
+    p = plan(r, {M1, M2}, [template(1)], pid=200)
+    assert not any(a.becomes_up for a in p.actions)
+
+
 def test_sessions_are_only_needed_while_removing(r: Reconciler) -> None:
     assert not r.wants_sessions(frozenset({M1}), [up(M1), template(1)])
     assert r.wants_sessions(frozenset({M1}), [up(M1), up(M2)])

@@ -175,6 +175,7 @@ class Reconciler:
         self._recreate_started: dict[str, float] = {}
         self._pending_since: dict[str, float] = {}
         self._pid: int | None = None
+        self._last_up: frozenset[str] = frozenset()  # server names UP at the previous plan
         self._names: dict[str, Member | None] = {}  # server name → member, for the names last seen
 
     def owned(self, servers: Iterable[ServerState]) -> dict[str, ServerState]:
@@ -210,6 +211,12 @@ class Reconciler:
     # ------------------------------------------------------------------ the plan
 
     def plan(self, desired: frozenset[Member], observed: Observation, now: float) -> Plan:
+        reloaded = observed.pid is not None and self._pid is not None and observed.pid != self._pid
+        if observed.pid is not None:
+            self._pid = observed.pid
+        # After an operator's reload, the members that were UP just before come back UP at once: they
+        # are not starting tasks, and waiting for new checks would route their users elsewhere.
+        restore = self._last_up if reloaded else frozenset()
         owned = self.owned(observed.servers)
         wanted = {m.server_name: m for m in desired}
         actions: list[Action] = []
@@ -218,7 +225,8 @@ class Reconciler:
         pending: set[Member] = set()
 
         for name, member in sorted(wanted.items()):
-            action, state = self._plan_desired(member, owned.get(name), observed.sessions.get(name, 0), now)
+            action, state = self._plan_desired(member, owned.get(name), observed.sessions.get(name, 0), now,
+                                               restore=name in restore)
             if action is not None:
                 actions.append(action)
             if state == "up":
@@ -251,19 +259,21 @@ class Reconciler:
         for name in [n for n in self._pending_since if n not in pending_names]:
             del self._pending_since[name]
 
-        reloaded = observed.pid is not None and self._pid is not None and observed.pid != self._pid
-        if observed.pid is not None:
-            self._pid = observed.pid
-
+        self._last_up = frozenset(m.server_name for m in up) | frozenset(
+            a.server for a in actions if a.becomes_up)
         return Plan(tuple(actions), frozenset(up), frozenset(down), frozenset(pending), frozenset(draining),
                     reloaded, self._retry_after(now))
 
-    def _plan_desired(self, member: Member, server: ServerState | None, sessions: int, now: float
-                      ) -> tuple[Action | None, str]:
-        """(action, state) for a desired member; state is "up", "down" or "pending" (before the action)."""
+    def _plan_desired(self, member: Member, server: ServerState | None, sessions: int, now: float,
+                      restore: bool = False) -> tuple[Action | None, str]:
+        """(action, state) for a desired member; state is "up", "down" or "pending" (before the action).
+        `restore`: the member was UP before HAProxy was reloaded; re-added, it is enabled at once."""
         name = member.server_name
         srv = self._srv(name)
         if server is None:
+            if restore:
+                return Action(ActionKind.ADD, name, (*self._add(member), f"enable server {srv}"), member,
+                              becomes_up=True, detail="UP before the reload"), "pending"
             return Action(ActionKind.ADD, name, self._add(member), member), "pending"
         if not _same_address(server, member):
             cmds = (() if server.in_maintenance else (f"disable server {srv}",)) + (
