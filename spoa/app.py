@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from typing import Any
@@ -163,6 +164,9 @@ def run_agent(settings: Settings) -> int:
     log.info("haproxy-swarm agent: service %s, nameserver %s, sticky key %s, SPOP on %s, metrics on %s",
              settings.service, settings.nameserver, ",".join(map(str, settings.sticky_key)),
              settings.listen, settings.metrics_listen)
+    if not ipaddress.ip_address(settings.listen.host).is_loopback:
+        log.warning("AGENT_LISTEN %s is not a loopback address: SPOP has no authentication, so anyone who "
+                    "can reach it can talk to the agent; see docs/security.md", settings.listen)
     try:
         run(Agent(settings).run())
     except OSError as e:
