@@ -164,3 +164,29 @@ def test_a_down_member_only_has_its_own_keys_served_elsewhere_and_gets_them_back
     assert {k: route(router, header=k)["server"] for k in keys} == during
     router.update(MEMBERS)
     assert {k: route(router, header=k)["server"] for k in keys} == before
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 12), down=st.sets(st.integers(0, 11)), rings_from_elsewhere=st.booleans())
+def test_each_key_goes_to_its_ring_member_if_up_else_to_the_fallback_rings(
+        n: int, down: set[int], rings_from_elsewhere: bool) -> None:
+    """The router's per-slot target table gives exactly the two-ring rule, whoever built the rings
+    (app.py builds them in a thread, from equal but distinct Member objects)."""
+    from spoa.ring import Ring
+
+    members = [Member.parse(f"10.1.0.{i}", 80) for i in range(1, n + 1)]
+    up = [m for i, m in enumerate(members) if i not in down]
+    router = Router(make_settings(sticky_key="header:X-User"))
+    copies = [Member.parse(m.ip, m.port) for m in members]
+    ring = Ring(copies) if rings_from_elsewhere else None
+    fallback = Ring([c for c, m in zip(copies, members, strict=True) if m in up]) if rings_from_elsewhere else None
+    router.update(members, up=up, ring=ring, fallback=fallback)
+    reference_ring, reference_fallback = Ring(members), Ring(up)
+    for i in range(300):
+        key = f"k{i}".encode()
+        decision = router.decide({"header": key})
+        if not up:
+            assert decision.member is None
+            continue
+        member = reference_ring.lookup(key)
+        assert decision.member == (member if member in up else reference_fallback.lookup(key))

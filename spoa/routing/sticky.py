@@ -22,6 +22,7 @@ from spoa.config import KeySource, Settings
 from spoa.member import Member
 from spoa.protocol import Scope, encode_set_var
 from spoa.ring import Ring, hash_key
+from spoa.ring.hashing import SLOT_SHIFT
 
 # Where a decision came from; the index is the position in the counters and in Target.actions.
 SOURCES: tuple[str, ...] = ("cookie", "header", "param", "src", "new", "none")
@@ -44,15 +45,26 @@ def cookie_value(member: Member, secret: str) -> str:
     return digest[:COOKIE_VALUE_LENGTH]
 
 
+_IPV4 = ipaddress.IPv4Address
+_BUFFERS = (bytes, bytearray, memoryview)
+_ADDRESSES = (ipaddress.IPv4Address, ipaddress.IPv6Address)
+
+
 def key_bytes(value: Any) -> bytes | None:
     """A NOTIFY argument as hashable key bytes, or None when the sample is missing or empty."""
+    kind = type(value)
+    if kind is _IPV4:  # src: the most common key
+        packed: bytes = value.packed
+        return packed
+    if kind is bytes:
+        return value[:KEY_LIMIT] or None
     if value is None or value is False:
         return None
-    if isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, _BUFFERS):
         b = bytes(value[:KEY_LIMIT])
     elif isinstance(value, str):
         b = value[:KEY_LIMIT].encode("utf-8", "surrogateescape")
-    elif isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+    elif isinstance(value, _ADDRESSES):
         b = value.packed
     else:
         b = str(value).encode()
@@ -129,6 +141,7 @@ class Router:
         self._by_cookie: dict[str, Member] = {}
         self._cookie_of: dict[Member, str] = {}
         self._target_list: Sequence[Target] = ()
+        self._slots: tuple[Target, ...] = ()
         self.update(members)
 
     # ------------------------------------------------------------------ control path
@@ -167,8 +180,23 @@ class Router:
                 self.fallback = fallback
             else:
                 self.fallback = Ring(up_set)
+            self._slots = self._slot_targets()
         self.members = members
         self.up = up_set
+
+    def _slot_targets(self) -> tuple[Target, ...]:
+        """The target of every table slot: the ring's member if it is UP, else the fallback ring's.
+        The hot path then indexes one tuple by the key's hash. A few ms per membership or health
+        change; the table entries are the rings' own member objects, so they are looked up by id."""
+        targets = self._targets
+        if not targets:
+            return ()
+        ring, fallback = self.ring, self.fallback
+        on_ring = {id(m): targets.get(m) for m in ring.members}
+        if fallback is ring:
+            return tuple(map(on_ring.__getitem__, map(id, ring.table)))  # type: ignore[arg-type]
+        on_fallback = {id(m): targets[m] for m in fallback.members}
+        return tuple([on_ring[id(m)] or on_fallback[id(f)] for m, f in zip(ring.table, fallback.table, strict=True)])
 
     def _make_target(self, member: Member) -> Target:
         value = self._cookie_of[member]
@@ -246,11 +274,8 @@ class Router:
             key = key_bytes(value)
             if key is None:
                 continue
-            h = hash_key(key)
-            target = targets.get(self.ring.lookup_hash(h))
-            if target is None:  # its member is not UP: where it goes if that member leaves
-                target = targets[self.fallback.lookup_hash(h)]
-            return target, source, issue
+            # The ring's member if it is UP; if not, where the key goes once that member leaves.
+            return self._slots[hash_key(key) >> SLOT_SHIFT], source, issue
         # Nothing in the chain: spread new sessions over every UP member.
         target = self._target_list[next(self._round_robin) % len(self._target_list)]
         return target, NEW, issue
