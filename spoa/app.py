@@ -158,13 +158,20 @@ def _describe(before: frozenset[Any], after: frozenset[Any], limit: int = 8) -> 
     return "; ".join(parts) or "no change"
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def run_agent(settings: Settings) -> int:
     from spoa.agent.loop import run
 
     log.info("haproxy-swarm agent: service %s, nameserver %s, sticky key %s, SPOP on %s, metrics on %s",
              settings.service, settings.nameserver, ",".join(map(str, settings.sticky_key)),
              settings.listen, settings.metrics_listen)
-    if not ipaddress.ip_address(settings.listen.host).is_loopback:
+    if not _is_loopback(settings.listen.host):
         log.warning("AGENT_LISTEN %s is not a loopback address: SPOP has no authentication, so anyone who "
                     "can reach it can talk to the agent; see docs/security.md", settings.listen)
     try:
