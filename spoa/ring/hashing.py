@@ -24,12 +24,19 @@ _MEMBER_PERSON = b"hxswarm-member"
 _from_bytes = int.from_bytes
 
 
-def hash_key(key: bytes) -> int:
-    """A sticky key's 64-bit hash: BLAKE2b-64, big-endian (about 0.3 µs for a short key).
+_KEY_HASH = blake2b(digest_size=8)  # never updated itself: only copied
 
-    No personalisation: it costs 15 % of a lookup, and member hashes have their own.
+
+def hash_key(key: bytes) -> int:
+    """A sticky key's 64-bit hash: BLAKE2b-64, big-endian (about 0.25 µs for a short key).
+
+    No personalisation: it costs 15 % of a lookup, and member hashes have their own. Copying an
+    initialised state is cheaper than `blake2b(key, digest_size=8)` (no keyword parsing, no
+    parameter block), with the same digest.
     """
-    return _from_bytes(blake2b(key, digest_size=8).digest(), "big")
+    h = _KEY_HASH.copy()
+    h.update(key)
+    return _from_bytes(h.digest(), "big")
 
 
 def slot_of(key: bytes) -> int:
