@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,26 +182,6 @@ class FastTask:
         pass
 
 
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry))
-    return out
-
-
-def agent_pid(stack: Stack) -> int:
-    assert stack.proc is not None
-    for pid in children(stack.proc.pid):
-        with contextlib.suppress(OSError):
-            if b"agent" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-                return pid
-    raise RuntimeError("agent process not found under `haproxy-swarm run`")
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -267,7 +247,8 @@ def run_wrk(port: int, cookies: Sequence[str], duration: float, connections: int
             workdir: str) -> WrkResult:
     script = os.path.join(workdir, f"wrk-{len(cookies)}.lua")
     Path(script).write_text(WRK_SCRIPT % (", ".join(f'"{c}"' for c in cookies), COOKIE))
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s", "-s", script,
+    seconds = max(1, round(duration))  # wrk takes whole seconds only
+    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s", "-s", script,
            f"http://127.0.0.1:{port}/"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30, check=False)
     m = re.search(r"^RESULT (.*)$", res.stdout, re.M)
@@ -289,6 +270,7 @@ class Sample:
     decided: float | None  # agent decisions per request (1 = every request asked the agent)
     new_conns: float  # server connections opened per request (0 when HAProxy reuses them)
     others: float  # CPUs busy with processes outside this case (other work on the machine), 0..nproc
+    total_us: float  # CPU per request of everything in the case: wrk, HAProxy, backends, agent
 
 
 @dataclass
@@ -301,6 +283,7 @@ class Case:
     agent: int | None = None
     metrics_port: int | None = None
     backends_pid: int = 0
+    loop: str = "-"  # the agent's event loop (uvloop or asyncio), from its build_info metric
     samples: list[Sample] = field(default_factory=list)
 
 
@@ -319,13 +302,14 @@ def measure(case: Case, args: argparse.Namespace, workdir: str) -> Sample:
     ours = (cpu_seconds(case.haproxy_pid) + cpu_seconds(case.backends_pid) + children_cpu()
             + (cpu_seconds(case.agent) if case.agent is not None else 0.0)) - ours_before
     others = max(0.0, busy - ours) / result.seconds
+    total_us = ours / result.requests * 1e6
     agent_us = decided = None
     if case.agent is not None and case.metrics_port is not None:
         agent_us = (cpu_seconds(case.agent) - agent_before) / result.requests * 1e6
         decided = (metric(case.metrics_port, "haproxy_swarm_decisions_total") - decisions_before) / result.requests
     if result.errors:
         raise RuntimeError(f"case {case.key}: {result.errors} failed requests")
-    return Sample(result, agent_us, haproxy_us, decided, new_conns, others)
+    return Sample(result, agent_us, haproxy_us, decided, new_conns, others, total_us)
 
 
 def busy_cpu() -> float:
@@ -384,16 +368,19 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, Case]]:
         for keys, env in (("bc", {}), ("d", {"STICKY_KEY": "src"})):
             if not wanted & set(keys):
                 continue
-            stack = Stack(n_slots=len(ips), backend_port=backend_port, dns=dns, refresh=2.0,
+            tasks = [FastTask(ip, backend_port, f"task-{i + 1}") for i, ip in enumerate(ips)]
+            stack = Stack(dns=dns, tasks=tasks, refresh=2.0,  # type: ignore[arg-type]
                           env={"COOKIE_SECRET": SECRET, "LOG_LEVEL": "warning", **extra, **env})
-            stack.tasks = [FastTask(ip, backend_port, f"task-{i + 1}") for i, ip in enumerate(ips)]  # type: ignore[misc]
             started.append(stack)
             stack.start(range(len(ips)))
             pid = int(stack.haproxy_info()["Pid"])
-            agent = agent_pid(stack)
+            agent = stack.agent_pid()
+            if agent is None:
+                raise RuntimeError("no agent process under `haproxy-swarm run`")
             for key in wanted & set(keys):
                 cookies = live_cookies(stack) if key == "c" else []
-                cases[key] = Case(key, stack.traffic_port, pid, stack.socket, cookies, agent, stack.metrics_port)
+                cases[key] = Case(key, stack.traffic_port, pid, stack.socket, cookies, agent, stack.metrics_port,
+                                  loop=agent_loop(stack.metrics_port))
         cases = {k: cases[k] for k in sorted(cases)}
         for case in cases.values():
             case.backends_pid = backends.worker_pid()
@@ -403,6 +390,14 @@ def environment(args: argparse.Namespace) -> Iterator[dict[str, Case]]:
             with contextlib.suppress(Exception):
                 thing.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def agent_loop(port: int) -> str:
+    """The event loop `haproxy-swarm agent` runs on, as its build_info metric reports it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text: str = resp.read().decode()
+    found = re.search(r'^haproxy_swarm_build_info\{[^}]*loop="([^"]+)"', text, re.M)
+    return found.group(1) if found else "?"
 
 
 def live_cookies(stack: Stack) -> list[str]:
@@ -435,34 +430,33 @@ def machine() -> str:
 
 
 def report(cases: Mapping[str, Case], args: argparse.Namespace) -> None:
-    def med(values: Sequence[float | None]) -> float | None:
+    def med(values: Iterable[float | None]) -> float:
         vals = [v for v in values if v is not None]
-        return statistics.median(vals) if vals else None
+        return statistics.median(vals) if vals else float("nan")
 
     base = cases.get("a")
-    base_rps = med([s.wrk.rps for s in base.samples]) if base else None
-    base_p99 = med([s.wrk.p99_ms for s in base.samples]) if base else None
     print()
     print(f"medians of {args.runs} runs x {args.duration:g} s, {args.connections} connections, "
-          f"wrk -t{args.wrk_threads}, {args.members} backends")
-    print("| case | req/s | p50 ms | p99 ms | x (a) | p99 added ms | agent µs/req | HAProxy µs/req | asked agent "
-          "| server conns/1k req |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"wrk -t{args.wrk_threads}, {args.members} backends; x (a): the median of the per-run ratios "
+          "(cases of one run are measured back to back)")
+    print("| case | req/s | x (a) | p50 ms | p99 ms | p99 added ms | asked agent | agent µs/req | HAProxy µs/req "
+          "| all µs/req | server conns/1k req | other load, CPUs |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, case in cases.items():
-        rps = med([s.wrk.rps for s in case.samples])
-        p50 = med([s.wrk.p50_ms for s in case.samples])
-        p99 = med([s.wrk.p99_ms for s in case.samples])
-        agent = med([s.agent_us for s in case.samples])
-        hap = med([s.haproxy_us for s in case.samples])
-        decided = med([s.decided for s in case.samples])
-        conns = med([s.new_conns for s in case.samples])
-        assert conns is not None
-        assert rps is not None and p50 is not None and p99 is not None and hap is not None
-        ratio = f"{rps / base_rps:.2f}" if base_rps else "-"
-        added = f"{p99 - base_p99:+.2f}" if base_p99 is not None and key != "a" else "-"
-        print(f"| {CASES[key]} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {ratio} | {added} | "
-              f"{'-' if agent is None else f'{agent:.1f}'} | {hap:.1f} | "
-              f"{'-' if decided is None else f'{decided:.0%}'} | {conns * 1000:.1f} |")
+        samples = case.samples
+        rps = med(s.wrk.rps for s in samples)
+        ratio = added = "-"
+        if base is not None and key != "a":
+            ratio = f"{med(s.wrk.rps / b.wrk.rps for s, b in zip(samples, base.samples, strict=True)):.2f}"
+            added = f"{med(s.wrk.p99_ms - b.wrk.p99_ms for s, b in zip(samples, base.samples, strict=True)):+.2f}"
+        agent = med(s.agent_us for s in samples)
+        decided = med(s.decided for s in samples)
+        print(f"| {CASES[key]} | {rps:,.0f} | {ratio} | {med(s.wrk.p50_ms for s in samples):.2f} | "
+              f"{med(s.wrk.p99_ms for s in samples):.2f} | {added} | "
+              f"{'-' if decided != decided else f'{decided:.0%}'} | "
+              f"{'-' if agent != agent else f'{agent:.1f}'} | {med(s.haproxy_us for s in samples):.1f} | "
+              f"{med(s.total_us for s in samples):.1f} | {med(s.new_conns for s in samples) * 1000:.1f} | "
+              f"{med(s.others for s in samples):.2f} |")
     print()
     print("per run, req/s:", "; ".join(f"{k}: " + ", ".join(f"{s.wrk.rps:,.0f}" for s in c.samples)
                                        for k, c in cases.items()))
@@ -486,7 +480,8 @@ def main() -> None:
     print(machine())
     with environment(args) as cases:
         threads = {k: show_threads(c) for k, c in cases.items()}
-        print("HAProxy threads:", ", ".join(f"{k}={t}" for k, t in threads.items()))
+        print("HAProxy threads:", ", ".join(f"{k}={t}" for k, t in threads.items()),
+              "| agent event loop:", ", ".join(f"{k}={c.loop}" for k, c in cases.items() if c.agent))
         workdir = tempfile.mkdtemp(prefix="haproxy-swarm-wrk-")
         try:
             for case in cases.values():  # warm-up: SPOP connections, caches, CPU frequency
