@@ -15,8 +15,8 @@
 
 The NOTIFY is shaped like the routing message: a 32-byte sticky cookie, three absent (NULL) key
 slots and the client's IPv4 address, answered by a fixed handler. With `--real` it is what the
-shipped spoe.conf sends on a first visit (no sticky cookie, three unused NULL slots, the client's
-IPv4 address, `ssl` false), decided by `spoa.routing.Router` over 3 members with the default key
+shipped spoe.conf sends on a first visit with the default key chain (no sticky cookie, the
+client's IPv4 address, `ssl` false), decided by `spoa.routing.Router` over 3 members with the default key
 chain (source-address hash, a sticky cookie issued) and timed by `spoa.metrics.Metrics`, as in
 `haproxy-swarm agent`. The target for the finished agent is ≥ 50,000 decisions/s on one core.
 """
@@ -52,12 +52,9 @@ TARGET = "10.0.1.5_80"
 
 
 def routing_message(i: int = 0, real: bool = False) -> bytes:
-    if real:  # the shipped spoe.conf's `route` message on a first visit
+    if real:  # the shipped spoe.conf's `route` message on a first visit, default key chain
         return encode_message("route", {
             "sticky": None,
-            "cookie": None,
-            "header": None,
-            "param": None,
             "src": ipaddress.IPv4Address(0x0A000000 + (i & 0xFFFF)),
             "ssl": False,
         })
