@@ -23,7 +23,7 @@ import struct
 from dataclasses import dataclass, field
 from enum import Enum
 
-from spoa.protocol.codec import Value
+from spoa.protocol.codec import Value, decode_varint
 from spoa.protocol.errors import ProtocolError, Status
 from spoa.protocol.frames import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -43,6 +43,7 @@ from spoa.protocol.frames import (
 SPOP_VERSION = "2.0"
 _SPOP_MAJOR = 2
 _unpack_length = struct.Struct(">I").unpack_from
+_unpack_head = struct.Struct(">IBI").unpack_from  # length, type, flags
 _pack_length = struct.Struct(">I").pack
 _ACK_HEAD = bytes((FrameType.ACK,)) + FLAG_FIN.to_bytes(4, "big")
 
@@ -145,6 +146,28 @@ class Connection:
         answered_hello = False
         try:
             while size - pos >= 4:
+                if ready and size - pos >= 11:
+                    # The per-request frame inline: a complete NOTIFY with FIN (flags 1) and its ids
+                    # read in place. Anything else, or anything odd, takes the full path below.
+                    length, frame_type, flags = _unpack_head(buf, pos)
+                    end = pos + 4 + length
+                    if frame_type == 3 and flags == 1 and 7 <= length <= limit and end <= size:
+                        p = pos + 9
+                        stream_id = buf[p]
+                        if stream_id < 240:
+                            p += 1
+                        else:
+                            stream_id, p = decode_varint(buf, p, end)
+                        if p < end:
+                            frame_id = buf[p]
+                            if frame_id < 240:
+                                p += 1
+                            else:
+                                frame_id, p = decode_varint(buf, p, end)
+                            events.append(Notify(stream_id, frame_id, decode_messages(buf, p, end),
+                                                 buf[pos + 9 : p]))
+                            pos = end
+                            continue
                 length = _unpack_length(buf, pos)[0]
                 if length > limit:
                     raise ProtocolError(Status.TOO_BIG,
