@@ -219,7 +219,7 @@ class _SpopProtocol(asyncio.Protocol):
         transport = self.transport
         assert conn is not None and transport is not None
         if conn.error is not None:
-            log.warning("SPOP connection from %s closed: %s", self.peer, conn.error)
+            self.server.log_protocol_error(self.peer, conn.error)
             if self.server.observer is not None:
                 self.server.observer.protocol_error(conn.error.status, conn.error.message, self.peer)
         transport.close()
@@ -281,6 +281,8 @@ class AgentServer:
         self._close_requested: asyncio.Event | None = None
         self._all_gone: asyncio.Event | None = None
         self._last_handler_log = -_HANDLER_LOG_INTERVAL
+        self._last_error_log = -_HANDLER_LOG_INTERVAL
+        self._errors_not_logged = 0
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -377,6 +379,18 @@ class AgentServer:
                 self.observer.connection_closed(protocol.peer)
         if not self._protocols and self._all_gone is not None:
             self._all_gone.set()
+
+    def log_protocol_error(self, peer: str, error: object) -> None:
+        """Log a connection closed for bad input, at most once every 10 s: a hostile peer must not
+        control the log's volume (metrics count every one)."""
+        now = self.loop.time()
+        if now - self._last_error_log < _HANDLER_LOG_INTERVAL:
+            self._errors_not_logged += 1
+            return
+        more = f" ({self._errors_not_logged} more since the last such line)" if self._errors_not_logged else ""
+        log.warning("SPOP connection from %s closed: %s%s", peer, error, more)
+        self._last_error_log = now
+        self._errors_not_logged = 0
 
     def failed_ack(self, conn: Connection, event: Notify, error: Exception) -> bytes:
         """The ACK sent when the handler raised or returned an unusable payload."""
