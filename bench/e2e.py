@@ -32,7 +32,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from spoa.local.dnsmasq import Dnsmasq
 from spoa.local.haproxy import admin_command, show_info
 from spoa.local.ports import free_port
+from spoa.local.process import stop_process
 from spoa.local.stack import Stack
 
 COOKIE = "SWARMID"
@@ -105,14 +105,8 @@ class HAProxyConfig:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+        if proc is not None:
+            stop_process(proc)
 
 
 def backends_config(ips: Sequence[str], port: int) -> str:

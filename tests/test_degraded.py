@@ -22,9 +22,10 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from polling import wait_for
 
 from spoa.local.load import Load, Record, Summary
 from spoa.local.ports import free_port
@@ -39,14 +40,6 @@ PROCESSING_TIMEOUT = 0.050  # spoe.conf `timeout processing`
 SLOW = 0.040  # a request this slow waited for the agent (they take ~1 ms otherwise)
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 15.0) -> float:
-    """Poll `check` until it is true; return how long that took."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def load_until(load: Load, t: float, what: str) -> None:

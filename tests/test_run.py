@@ -17,9 +17,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from polling import wait_for
 
 from spoa.local.client import User
 from spoa.local.haproxy import show_info
@@ -29,13 +30,6 @@ from spoa.local.stack import Stack, child_pids
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 15.0) -> float:
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def processes_with(run_dir: str) -> list[int]:

@@ -19,6 +19,7 @@ import time
 from types import TracebackType
 
 from spoa.config import parse_host_port
+from spoa.local.process import stop_process
 
 
 class _HTTPServer(asyncio.Protocol):
@@ -126,13 +127,7 @@ class Backend:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process(proc)
         if proc.stderr:
             proc.stderr.close()
 

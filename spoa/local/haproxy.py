@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
+from spoa.local.process import stop_process
+
 _INSTALLED_CONFIG = "/etc/haproxy-swarm/haproxy.cfg"
 
 
@@ -141,13 +143,8 @@ class HAProxyProcess:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=5)
+        if proc is not None:
+            stop_process(proc)
         if self._log_file is not None:
             os.close(self._log_file)
             self._log_file = None
