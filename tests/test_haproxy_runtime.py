@@ -451,7 +451,7 @@ async def test_ipv6_member(haproxy: HAProxyProcess) -> None:
         free_port("::1")
     except OSError:
         pytest.skip("no IPv6 loopback")
-    # spoa.local.backends.Backend cannot bind IPv6 yet; a listener that accepts is enough for checks.
+    # A listener that accepts is enough for TCP checks.
     async with silent_backend("::1") as (m, _):
         w = make_writer(haproxy)
         await step_until(w, {m}, lambda r: r.up == {m})
