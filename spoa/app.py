@@ -35,7 +35,6 @@ HEALTH_INTERVAL = 0.5
 class Agent:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.started = time.time()
         self.router = Router(settings)
         self.metrics = Metrics(self)
         self.discovery = Discovery.from_settings(settings, observer=self.metrics)
@@ -47,7 +46,6 @@ class Agent:
         self.server = AgentServer(settings.listen, self.router.handle,
                                   max_connections=settings.max_connections, observer=self.metrics)
         self.metrics_server = MetricsServer(settings.metrics_listen, self.metrics, ready=self.ready)
-        self.last_refresh: float | None = None  # wall clock of the last DNS answer
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ state
@@ -66,8 +64,6 @@ class Agent:
         """One control step; returns how soon stepping again would help (a pending member), if sooner."""
         if poll_dns:
             await self.discovery.refresh(now)
-            if self.discovery.last_error is None:
-                self.last_refresh = time.time()
         members = self.discovery.members
         self.metrics.members_changed(members)
         if members != self.router.members:
