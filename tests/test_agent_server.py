@@ -41,6 +41,7 @@ from spoa.protocol import (
     SetVar,
     Status,
     decode_actions,
+    decode_disconnect,
     decode_frame,
     decode_kv_list,
     encode_frame,
@@ -123,10 +124,7 @@ class SpopClient:
     async def disconnect_status(self) -> tuple[int, str]:
         frames = await self.until_eof()
         assert frames and frames[-1].type == FrameType.AGENT_DISCONNECT, frames
-        kv = decode_kv_list(frames[-1].payload)
-        status, message = kv["status-code"], kv["message"]
-        assert isinstance(status, int) and isinstance(message, bytes)
-        return status, message.decode()
+        return decode_disconnect(frames[-1].payload)
 
     def close(self) -> None:
         self.writer.close()

@@ -48,6 +48,7 @@ from spoa.protocol import (
     Status,
     Value,
     decode_actions,
+    decode_disconnect,
     decode_frame,
     decode_kv_list,
     encode_frame,
@@ -116,10 +117,7 @@ class Peer:
         """The AGENT-DISCONNECT that ends the connection: (status, message)."""
         frames = self.until_eof()
         assert frames and frames[-1].type == FrameType.AGENT_DISCONNECT, frames
-        kv = decode_kv_list(frames[-1].payload)
-        status, message = kv["status-code"], kv["message"]
-        assert isinstance(status, int) and isinstance(message, bytes)
-        return status, message.decode()
+        return decode_disconnect(frames[-1].payload)
 
     def close(self) -> None:
         self.sock.close()
@@ -168,7 +166,7 @@ class Steady(threading.Thread):
                 if server_of(frame) not in self.servers:
                     self.errors.append(f"ACK {fid} names {server_of(frame)!r}, not a member")
                 self.acks += 1
-                time.sleep(0.001)
+                time.sleep(0.001)  # pacing: a steady trickle of requests, not a synchronisation
         except Exception as e:  # reported by the tests through `errors`
             self.errors.append(f"{type(e).__name__}: {e}")
 

@@ -32,6 +32,7 @@ from spoa.protocol.frames import (
     MIN_FRAME_SIZE,
     FrameType,
     Message,
+    decode_disconnect,
     decode_kv_list,
     decode_messages,
     decode_metadata,
@@ -213,11 +214,7 @@ class Connection:
                                 f"fragmented frame (type {frame_type}, flags {flags:#x}); "
                                 "this agent does not announce fragmentation")
         if frame_type == FrameType.HAPROXY_DISCONNECT:
-            kv = decode_kv_list(buf, pos, end)
-            status = kv.get("status-code")
-            message = kv.get("message")
-            event = Disconnected(status if type(status) is int else int(Status.UNKNOWN),
-                                 message.decode("utf-8", "replace") if isinstance(message, bytes) else "")
+            event = Disconnected(*decode_disconnect(buf, pos, end))
             self._close(Status.NORMAL, "bye")
             return event
         if frame_type == FrameType.HAPROXY_HELLO:

@@ -336,6 +336,16 @@ def _disconnect_payload(status: int, message: str) -> bytes:
             + encode_name("message") + encode_string(message))
 
 
+def decode_disconnect(buf: bytes, pos: int = 0, end: int | None = None) -> tuple[int, str]:
+    """(status-code, message) of a DISCONNECT payload, from either side; a missing or mistyped field
+    reads as UNKNOWN / "" (a peer saying goodbye badly is still saying goodbye)."""
+    kv = decode_kv_list(buf, pos, end)
+    status = kv.get("status-code")
+    message = kv.get("message")
+    return (status if type(status) is int else int(Status.UNKNOWN),
+            message.decode("utf-8", "replace") if isinstance(message, bytes) else "")
+
+
 def encode_agent_disconnect(status: int, message: str) -> bytes:
     return encode_frame(FrameType.AGENT_DISCONNECT, 0, 0, _disconnect_payload(status, message))
 
