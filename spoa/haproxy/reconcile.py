@@ -21,14 +21,17 @@ Rules, per server (every command targets the configured backend):
   check ever passed (measured on 2.6), so a task that does not listen yet would get requests;
 - desired, in maintenance with paused checks (someone ran `disable server`; we do so while deleting):
   deleted and re-added, because its check result is stale and enabling it would skip the check (its
-  leftover sessions end first, or are cut after `drain_timeout`);
+  leftover sessions end first, or are cut after `drain_timeout` and it is re-created a step later);
 - desired, draining (a removed member that came back): `set server ... state ready`;
 - desired, address differs from the name: deleted and re-added (`repaired`);
 - not desired, serving: `set server ... state drain` (no new sessions from load balancing; the agent
   stops choosing it and its cookie entry goes first);
 - not desired, draining or in maintenance: once it has no sessions left (and has drained for at least
   one refresh) `disable server` + `del server`; after `drain_timeout` the remaining sessions are cut
-  (`shutdown sessions server`) first. A refused `del server` is simply tried again next refresh.
+  (`disable server` + `shutdown sessions server`) and the server is deleted at the next step, which the
+  plan asks for soon (`retry_after`). Not in the same step: HAProxy closes cut streams in their own
+  tasks, so a `del server` right behind the shutdown can find them still attached and be refused.
+  A refused `del server` is simply tried again next refresh.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ class ActionKind(enum.Enum):
     RECREATE = "re-created"
     REPAIR = "repaired"
     DRAIN = "draining"
+    CUT = "sessions cut"
     DELETE = "deleted"
 
 
@@ -155,7 +159,7 @@ class Plan:
     up: frozenset[Member]  # desired members HAProxy reports UP (before the actions)
     down: frozenset[Member]  # desired, enabled, but the checks say DOWN
     pending: frozenset[Member]  # desired, kept in maintenance until a check passes
-    draining: frozenset[str]  # servers of removed members that still exist
+    draining: frozenset[str]  # servers of removed members that exist (before the actions)
     reloaded: bool = False  # HAProxy's pid changed since the previous plan
     retry_after: float | None = None  # a refresh this soon would likely enable a pending member
 
@@ -243,11 +247,10 @@ class Reconciler:
         for name, server in sorted(owned.items()):
             if name in wanted:
                 continue
+            draining.add(name)
             action = self._plan_removed(server, observed.sessions.get(name, 0), now)
             if action is not None:
                 actions.append(action)
-            if action is None or action.kind is not ActionKind.DELETE:
-                draining.add(name)
 
         # Forget what no longer applies; the memory stays bounded by the servers HAProxy holds.
         for name in [n for n in self._drain_started if n not in owned or n in wanted]:
@@ -261,8 +264,11 @@ class Reconciler:
 
         self._last_up = frozenset(m.server_name for m in up) | frozenset(
             a.server for a in actions if a.becomes_up)
+        retry_after = self._retry_after(now)
+        if any(a.kind is ActionKind.CUT for a in actions):  # delete what was cut once its streams closed
+            retry_after = min(retry_after or self.checks.fastinter, self.checks.fastinter)
         return Plan(tuple(actions), frozenset(up), frozenset(down), frozenset(pending), frozenset(draining),
-                    reloaded, self._retry_after(now))
+                    reloaded, retry_after)
 
     def _plan_desired(self, member: Member, server: ServerState | None, sessions: int, now: float,
                       restore: bool = False) -> tuple[Action | None, str]:
@@ -309,8 +315,7 @@ class Reconciler:
         if sessions <= 0:
             return Action(ActionKind.RECREATE, name, (f"del server {srv}", *self._add(member)), member, detail=detail)
         if now - started >= self.drain_timeout:
-            return Action(ActionKind.RECREATE, name,
-                          (f"shutdown sessions server {srv}", f"del server {srv}", *self._add(member)), member,
+            return Action(ActionKind.CUT, name, (f"shutdown sessions server {srv}",), member,
                           detail=f"{detail}; drain timeout, {sessions} sessions cut")
         return None
 
@@ -326,7 +331,7 @@ class Reconciler:
         if sessions <= 0 and (server.in_maintenance or now > started):
             return Action(ActionKind.DELETE, name, (*disable, f"del server {srv}"))
         if timed_out:
-            return Action(ActionKind.DELETE, name, (*disable, f"shutdown sessions server {srv}", f"del server {srv}"),
+            return Action(ActionKind.CUT, name, (*disable, f"shutdown sessions server {srv}"),
                           detail=f"drain timeout, {sessions} sessions cut")
         return None
 

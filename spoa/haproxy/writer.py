@@ -53,7 +53,7 @@ class StepReport:
     up: frozenset[Member]
     down: frozenset[Member] = frozenset()
     pending: frozenset[Member] = frozenset()  # in maintenance until their first check passes
-    draining: frozenset[str] = frozenset()  # servers of removed members not deleted yet
+    draining: frozenset[str] = frozenset()  # servers of removed members that still exist after the step
     results: tuple[ActionResult, ...] = ()
     events: tuple[str, ...] = ()  # for logs: "added 10.0.1.5_80", "deleted 10.0.1.7_80", ...
     errors: tuple[str, ...] = ()
@@ -218,7 +218,8 @@ class _StepLog:
             up=up,
             down=plan.down if plan else frozenset(),
             pending=plan.pending - up if plan else frozenset(),
-            draining=plan.draining if plan else frozenset(),
+            draining=plan.draining - {r.action.server for r in self.results
+                                      if r.ok and r.action.kind is ActionKind.DELETE} if plan else frozenset(),
             results=tuple(self.results),
             events=tuple(self.events),
             errors=tuple(self.errors),
