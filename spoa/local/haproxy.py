@@ -57,6 +57,15 @@ class HAProxyError(RuntimeError):
     pass
 
 
+def _alive(pid: int) -> bool:
+    """True while process `pid` exists and is not a zombie waiting for its parent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
 class HAProxyProcess:
     """`haproxy -W -db -f <config>` with `env` on top of this process's environment."""
 
@@ -127,19 +136,28 @@ class HAProxyProcess:
         return admin_command(self.socket_path, command)
 
     def reload(self, timeout: float = 15.0) -> int:
-        """Reload like an operator (SIGUSR2 to the master); return the new worker's pid."""
+        """Reload like an operator (SIGUSR2 to the master); return the new worker's pid once the old
+        worker has exited (it has no connection left to finish).
+
+        The admin socket's listener is shared by both workers (`expose-fd listeners`): until the old
+        worker has processed its soft-stop, a connection may still reach it after the new one answered.
+        """
         old = self.worker_pid()
         os.kill(self.pid, signal.SIGUSR2)
         deadline = time.monotonic() + timeout
+        new: int | None = None
         while time.monotonic() < deadline:
-            try:
-                pid = self.worker_pid()
-                if pid != old:
-                    return pid
-            except (OSError, KeyError, ValueError):
-                pass
+            if new is None:
+                try:
+                    pid = self.worker_pid()
+                    new = pid if pid != old else None
+                except (OSError, KeyError, ValueError):
+                    pass
+            if new is not None and not _alive(old):
+                return new
             time.sleep(0.02)
-        raise HAProxyError(f"haproxy did not reload within {timeout}s")
+        raise HAProxyError(f"haproxy did not reload within {timeout}s "
+                           f"({'the old worker still runs' if new else 'no new worker'})")
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
