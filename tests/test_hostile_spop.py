@@ -13,7 +13,8 @@ the SPOP status it must be closed with, slow partial frames and missing HELLOs (
 closes them with TIMEOUT, and trickling bytes does not extend it), thousands of idle connections
 (the connection limit closes the least recently active idle one first; client and agent stay within
 their fd limits), silent connections filling the limit (newcomers refused with RESOURCE_ERROR until
-the HELLO deadline frees the slots). Memory is read from /proc/<agent>/status (VmRSS).
+the HELLO deadline frees the slots), a peer that never reads its ACKs (back-pressure: paused, not
+buffered, and not timed out for our own pause). Memory is read from /proc/<agent>/status (VmRSS).
 """
 
 from __future__ import annotations
@@ -485,6 +486,71 @@ def test_random_ids_and_values_from_many_peers_at_once(target: Target) -> None:
     finally:
         for p, _ in peers:
             p.close()
+
+
+# --------------------------------------------------------------------------- back-pressure
+
+
+FLOOD_CAP = 64 << 20  # bytes of NOTIFYs: an agent that never stops reading would take them all
+
+
+def test_a_peer_that_stops_reading_is_paused_not_buffered(target: Target) -> None:
+    """A peer pipelines NOTIFYs and never reads its ACKs: the agent stops reading it (what waits
+    stays in the kernel's socket buffers, not in the agent's memory), keeps the connection for longer
+    than the read deadline (that wait is the agent's, not the peer's), answers the others meanwhile,
+    and once the peer reads again delivers every ACK in order."""
+    acks, since = target.steady.acks, target.load.now()
+    rss_before = rss_mb(target.pid)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # a small window for the ACKs
+    sock.connect(("127.0.0.1", target.port))
+    peer = Peer.__new__(Peer)
+    peer.sock, peer.buf, peer.eof = sock, b"", False
+    sock.settimeout(10)
+    try:
+        peer.hello()
+        batch = b"".join(encode_notify(1, fid, route(fid)) for fid in range(1, 1001))
+        sock.setblocking(False)
+        sent = frames = 0
+        pending = memoryview(b"")
+        with selectors.DefaultSelector() as writable:
+            writable.register(sock, selectors.EVENT_WRITE)
+            # Send until the socket stays full for half a second: the agent stopped reading.
+            while sent < FLOOD_CAP and writable.select(0.5):
+                if not pending:
+                    pending = memoryview(batch)
+                    frames += 1000
+                with contextlib.suppress(BlockingIOError):
+                    n = sock.send(pending)
+                    sent += n
+                    pending = pending[n:]
+        assert sent < FLOOD_CAP, f"the agent read {sent >> 20} MiB without anyone reading its ACKs"
+        grown = rss_mb(target.pid) - rss_before
+        assert grown < 16, f"the agent buffered {grown:.1f} MiB for a peer that does not read"
+
+        # Paused longer than the read deadline: a partial frame left unread is not the peer's fault.
+        time.sleep(READ_TIMEOUT + 1)  # the condition is the passing of time itself
+        target.steady.check(acks)
+        assert target.http_ok_since(since) > 0
+
+        # The peer reads again: the rest of its NOTIFYs go through and every ACK arrives, in order.
+        got: list[Frame] = []
+        reader = threading.Thread(target=lambda: got.extend(peer.frames(frames)), daemon=True)
+        sock.setblocking(True)
+        sock.settimeout(20)
+        reader.start()
+        try:
+            sock.sendall(pending)
+        except OSError as e:
+            pytest.fail(f"the agent closed the connection it had paused itself: {e}")
+        reader.join(30)
+        assert not reader.is_alive() and not peer.eof, f"{len(got)} of {frames} ACKs, then the agent closed"
+        assert [f.type for f in got] == [FrameType.ACK] * frames
+        assert [f.frame_id for f in got] == [fid for _ in range(frames // 1000) for fid in range(1, 1001)]
+        assert all(server_of(f) in target.steady.servers for f in got[::97])
+    finally:
+        peer.close()
+    assert target.metric("haproxy_swarm_handler_errors_total") == 0
 
 
 # --------------------------------------------------------------------------- the connection limit

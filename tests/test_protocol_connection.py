@@ -311,6 +311,17 @@ def test_each_partial_frame_gets_its_own_deadline_on_a_busy_stream() -> None:
     assert not conn.closed
 
 
+def test_a_pause_of_ours_restarts_the_deadline_of_a_partial_frame() -> None:
+    conn = ready(read_timeout=5.0)
+    conn.restart_read_deadline(3.0)  # nothing partial: nothing to restart
+    assert conn.get_timer() is None
+    conn.receive_data(GOLDEN_NOTIFY[:10], now=1.0)
+    conn.restart_read_deadline(30.0)  # the agent stopped reading from 1 to 30 (back-pressure)
+    assert conn.get_timer() == 35.0
+    conn.handle_timer(34.9)
+    assert not conn.closed and [type(e) for e in conn.receive_data(GOLDEN_NOTIFY[10:], now=34.9)] == [Notify]
+
+
 def test_completing_the_frame_clears_the_deadline() -> None:
     conn = ready(read_timeout=5.0)
     conn.receive_data(GOLDEN_NOTIFY[:10], now=1.0)

@@ -80,7 +80,7 @@ class AgentObserver:
 class _SpopProtocol(asyncio.Protocol):
     """One HAProxy connection: bytes in → `Connection` → handler → one write out."""
 
-    __slots__ = ("conn", "last_active", "peer", "server", "timer", "transport")
+    __slots__ = ("conn", "last_active", "paused", "peer", "server", "timer", "transport")
 
     def __init__(self, server: AgentServer) -> None:
         self.server = server
@@ -89,6 +89,7 @@ class _SpopProtocol(asyncio.Protocol):
         self.peer = "?"
         self.last_active = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        self.paused = False  # we stopped reading: HAProxy is not reading our ACKs
 
     # -- lifecycle
 
@@ -110,12 +111,22 @@ class _SpopProtocol(asyncio.Protocol):
             self.timer = None
         self.server.forget(self)
 
-    def pause_writing(self) -> None:  # HAProxy is not reading our ACKs: stop reading its NOTIFYs
+    def pause_writing(self) -> None:
+        """HAProxy is not reading our ACKs (the write buffer passed its high-water mark): stop
+        reading its NOTIFYs, so what waits stays in the kernel's buffers, not in our memory."""
+        self.paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        """The write buffer drained: read again. A partial frame left unread meanwhile waited on us,
+        so its read deadline starts again now."""
+        self.paused = False
         if self.transport is not None and not self.transport.is_closing():
+            if self.conn is not None:
+                self.conn.restart_read_deadline(self.server.loop.time())
+                if self.timer is None:
+                    self._arm()
             self.transport.resume_reading()
 
     # -- the per-request path
@@ -204,8 +215,8 @@ class _SpopProtocol(asyncio.Protocol):
         self.timer = None
         conn = self.conn
         transport = self.transport
-        if conn is None or transport is None or transport.is_closing():
-            return
+        if conn is None or transport is None or transport.is_closing() or self.paused:
+            return  # while paused, nothing is overdue: resume_writing restarts the deadline
         conn.handle_timer(self.server.loop.time())
         if conn.closed:
             transport.write(conn.data_to_send())

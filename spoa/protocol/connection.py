@@ -317,6 +317,12 @@ class Connection:
             return None
         return self._partial_since + self.read_timeout
 
+    def restart_read_deadline(self, now: float) -> None:
+        """Count the pending HELLO or partial frame as started at `now`: for a pause that was ours
+        (we stopped reading while the peer did not read our answers), not the peer's slowness."""
+        if self._partial_since is not None:
+            self._partial_since = now
+
     def handle_timer(self, now: float) -> None:
         """Close with TIMEOUT if the HELLO or a partial frame is overdue at `now`."""
         deadline = self.get_timer()
