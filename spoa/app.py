@@ -42,6 +42,7 @@ class Agent:
             settings, cookie_value=self.router.cookie_value if settings.issues_cookie else None,
             observer=self.metrics)
         self.haproxy_reachable = False
+        self._adopted = False  # HAProxy's servers were read before DNS answered (or DNS answered first)
         self._last_errors: tuple[str, ...] = ()
         self.server = AgentServer(settings.listen, self.router.handle,
                                   max_connections=settings.max_connections, observer=self.metrics)
@@ -62,6 +63,16 @@ class Agent:
 
     async def step(self, now: float, poll_dns: bool) -> float | None:
         """One control step; returns how soon stepping again would help (a pending member), if sooner."""
+        if not self._adopted and not self.discovery.ready:
+            # Restarted while HAProxy kept serving: its servers are the last known members. Adopted
+            # before the first DNS answer, a DNS outage (or a partial first answer) empties nothing.
+            held = await self.writer.held()
+            if held is None:
+                if poll_dns:
+                    await self.discovery.refresh(now)
+                return None  # no members to write before we know what HAProxy holds
+            self._adopted = True
+            self.discovery.adopt(held)
         if poll_dns:
             await self.discovery.refresh(now)
         members = self.discovery.members

@@ -8,6 +8,8 @@ A request fails when its answer is anything but a 200, connection errors and tim
 
 - the agent killed with kill -9: 0 failed; `run` restarts it and the new agent decides again;
   cookie holders never move;
+- the agent killed while DNS does not answer: the new agent adopts the servers HAProxy holds, so
+  nothing is drained, 0 failed, cookie holders never move;
 - the agent frozen (SIGSTOP 3 s, then SIGCONT): 0 failed, no request waits for the frozen agent
   longer than `timeout processing` (+ slack); cookie holders never move; it decides again after;
 - an operator's reload of HAProxy, both ways (SIGHUP to `run`; SIGUSR2 to HAProxy's master): 0
@@ -47,10 +49,10 @@ def load_until(load: Load, t: float, what: str) -> None:
     wait_for(lambda: load.now() >= t, what, timeout=max(1.0, t - load.now()) + 5)
 
 
-def decisions(stack: Stack) -> float | None:
+def decisions(stack: Stack, **labels: str) -> float | None:
     """The agent's decisions counter, None while its metrics do not answer (it is down or frozen)."""
     try:
-        return stack.metric(DECISIONS)
+        return stack.metric(DECISIONS, **labels)
     except OSError:
         return None
 
@@ -141,6 +143,40 @@ def test_agent_killed_costs_no_request_and_run_restarts_it(healthy: Stack) -> No
     assert_load_held(summary, summary.duration)
     assert not moved, f"cookie holders moved: {sorted(moved.items())[:5]}"
     assert stack.agent_pid() not in (None, victim)
+
+
+def test_agent_restarted_while_dns_is_down_keeps_every_member(healthy: Stack) -> None:
+    """The new agent adopts the servers HAProxy holds: a DNS outage at its start empties nothing."""
+    stack = healthy
+    members = stack.addresses([0, 1, 2])
+    with Load("127.0.0.1", stack.traffic_port, users=USERS, rate=RATE, duration=60, cookieless=0.5) as load:
+        settled(stack, load)
+        stack.dns.pause()  # every query goes unanswered (times out)
+        try:
+            victim = stack.agent_pid()
+            assert victim is not None
+            t_kill = load.now()
+            os.kill(victim, signal.SIGKILL)
+            wait_for(lambda: stack.agent_pid() not in (None, victim), "run restarts the agent")
+            # Deciding by source for the cookieless users: it routes to the members it adopted.
+            deciding = wait_for(lambda: (decisions(stack, source="src") or 0) > 0, "the new agent decides")
+            t_decides = load.now()
+            # Past MEMBER_GRACE and a drain: with nothing adopted, every server would be gone by now.
+            grace = float(stack.env()["MEMBER_GRACE"]) + float(stack.env()["DRAIN_TIMEOUT"])
+            load_until(load, t_decides + grace + 1.0, "the grace and a drain, with DNS still down")
+            assert stack.up() == members, stack.servers()
+            assert stack.metric("haproxy_swarm_members", state="known") == 3
+            assert stack.metric("haproxy_swarm_members", state="up") == 3
+        finally:
+            stack.dns.resume()
+        summary = load.stop()
+    moved = cookie_holders_moved(load, t_kill)
+    report("agent restarted while DNS is down", [
+        f"deciding again {deciding:.2f}s after the restart, on the {len(members)} members HAProxy held",
+        f"cookie holders moved: {len(moved)}",
+    ], summary)
+    assert_load_held(summary, summary.duration)
+    assert not moved, f"cookie holders moved: {sorted(moved.items())[:5]}"
 
 
 def test_agent_frozen_costs_no_request(healthy: Stack) -> None:

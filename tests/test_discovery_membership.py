@@ -25,6 +25,19 @@ def test_first_answer_adds_everything() -> None:
     assert change
 
 
+def test_adopted_members_stay_through_failures_and_get_their_grace() -> None:
+    """An agent restarted while DNS is down adopts what HAProxy holds: nothing is emptied."""
+    m = Membership(GRACE)
+    change = m.adopt([A, B, C])
+    assert change.added == {A, B, C} and m.members == {A, B, C}
+    assert not m.failure(now=0) and not m.nxdomain(now=1)  # NXDOMAIN: like a failure until the grace
+    change = m.answer([A, D], now=5)  # a partial first answer: B and C wait for their grace
+    assert change.added == {D} and not change.removed and m.members == {A, B, C, D}
+    assert m.answer([A, D], now=1 + GRACE).removed == {B, C}
+    # Only before the first answer: afterwards, answers alone say who is a member.
+    assert not m.adopt([B]) and B not in m.members
+
+
 def test_same_answer_again_is_no_change() -> None:
     m = Membership(GRACE)
     m.answer([A, B], now=0)

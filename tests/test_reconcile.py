@@ -144,6 +144,18 @@ def test_retry_hint_stops_for_a_member_that_never_comes_up(r: Reconciler) -> Non
     assert plan(r, {M1}, [fresh(M1)], now=100).retry_after is None
 
 
+# --------------------------------------------------------------------------- an agent restarted
+
+
+def test_held_members_are_the_wanted_servers_haproxy_still_has(r: Reconciler) -> None:
+    m3, m4, m5 = (Member.parse(f"10.0.0.{i}", 80) for i in (3, 4, 5))
+    servers = [up(M1), down(M2), fresh(M6), draining(m3), disabled(m4), replace(up(m5), addr="10.9.9.9"),
+               template(1), replace(up(M1), name="static1"), replace(up(m3), backend="be_other")]
+    # UP, DOWN and still starting were wanted; draining and being deleted were not; a wrong address
+    # is not that member's server; foreign servers are nobody's.
+    assert r.held(servers) == {M1, M2, M6}
+
+
 # --------------------------------------------------------------------------- removed members
 
 

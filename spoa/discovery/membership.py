@@ -10,7 +10,10 @@ Owns: the current member set, when each absent member was first found missing, a
   counted from the first answer that lacked it; failed lookups in between do not reset that clock;
 - NXDOMAIN and an empty answer are answers that lack every member: like a failure until the grace
   ends, then the members go;
-- members are a set: the order of records never matters.
+- members are a set: the order of records never matters;
+- before the first answer, members known from elsewhere (the servers a previous agent wrote into
+  HAProxy) can be adopted: they are then members like those of an answer, so a DNS outage at start
+  keeps them, and a first answer that lacks some starts their grace instead of removing them.
 
 Must not: do I/O, read clocks (every method takes `now`, seconds on any monotonic scale), log, or
 know about DNS record types.
@@ -100,6 +103,15 @@ class Membership:
         if added or removed:
             self._members = (self._members | added) - removed
         return Change(self._members, added, frozenset(removed))
+
+    def adopt(self, members: Iterable[Member]) -> Change:
+        """Members known before any answer (what HAProxy still routes to after an agent restart).
+        Ignored once an answer came: from then on only answers say who is a member."""
+        if self.last_answer is not None:
+            return Change(self._members)
+        added = frozenset(members) - self._members
+        self._members |= added
+        return Change(self._members, added)
 
     def nxdomain(self, now: float) -> Change:
         """The name does not exist: an answer that lacks every member."""

@@ -78,6 +78,14 @@ class Discovery:
         """True once a lookup has answered (even with no members)."""
         return self.membership.last_answer is not None
 
+    def adopt(self, members: frozenset[Member]) -> Change:
+        """Adopt members known before DNS has answered (see `Membership.adopt`), and say so."""
+        change = self.membership.adopt(members)
+        if change:
+            self.log.info("DNS %s: no answer yet; kept the %d members HAProxy already routes to (%s)",
+                          self.name, len(change.members), change.describe())
+        return change
+
     async def refresh(self, now: float) -> Change:
         """One poll at `now` (seconds, monotonic): look up, apply the rules, log. Never raises on DNS."""
         started = time.perf_counter() if self.observer is not None else 0.0

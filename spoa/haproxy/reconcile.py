@@ -196,6 +196,17 @@ class Reconciler:
                 owned[s.name] = s
         return owned
 
+    def held(self, servers: Iterable[ServerState]) -> frozenset[Member]:
+        """The members whose servers HAProxy holds as wanted ones: the agent's servers at their
+        member's address, neither draining nor being deleted (maintenance with paused checks)."""
+        held = set()
+        for name, s in self.owned(servers).items():
+            member = self._names[name]
+            if (member is not None and _same_address(s, member) and not s.draining
+                    and not (s.in_maintenance and s.checks_paused)):
+                held.add(member)
+        return frozenset(held)
+
     def wants_sessions(self, desired: frozenset[Member], servers: Iterable[ServerState]) -> bool:
         """True when the plan needs sessions per server: some owned server is being removed or re-created."""
         names = {m.server_name for m in desired}

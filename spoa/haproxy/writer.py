@@ -105,6 +105,16 @@ class HAProxyWriter:
         """Members HAProxy reported UP at the last step (the health view)."""
         return self._up
 
+    async def held(self) -> frozenset[Member] | None:
+        """The members HAProxy holds servers for (see `Reconciler.held`); None when it cannot say."""
+        async with self._lock:
+            try:
+                async with self.api.session() as s:
+                    servers = await s.servers_state(self.reconciler.backend)
+            except (RuntimeAPIUnavailable, RuntimeAPIError):
+                return None
+            return self.reconciler.held(servers)
+
     async def step(self, desired: frozenset[Member], now: float) -> StepReport:
         """Observe, plan and act once. Never raises for socket trouble or refused commands."""
         async with self._lock:
