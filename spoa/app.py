@@ -39,7 +39,7 @@ class Agent:
         self.metrics = Metrics(self)
         self.discovery = Discovery.from_settings(settings, observer=self.metrics)
         self.writer = HAProxyWriter.from_settings(
-            settings, cookie_value=self.router.cookie_value if settings.issues_cookie else None,
+            settings, cookie_value=self.router.cookie_value if settings.cookie_first else None,
             observer=self.metrics)
         self.haproxy_reachable = False
         self._adopted = False  # HAProxy's servers were read before DNS answered (or DNS answered first)

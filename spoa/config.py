@@ -251,6 +251,12 @@ class Settings:
         """True when the chain names the sticky cookie: the agent then issues it."""
         return KeySource("cookie", self.sticky_cookie) in self.sticky_key
 
+    @property
+    def cookie_first(self) -> bool:
+        """True when the sticky cookie heads the chain: only then does a valid cookie decide whatever
+        else the request carries, so HAProxy may route by it alone (the cookie map)."""
+        return bool(self.sticky_key) and self.sticky_key[0] == KeySource("cookie", self.sticky_cookie)
+
     def haproxy_env(self) -> dict[str, str]:
         """The environment variables the shipped haproxy.cfg and spoe.conf read."""
         env = {

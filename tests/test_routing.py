@@ -8,6 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spoa.app import Agent
 from spoa.config import load_settings
 from spoa.member import Member
 from spoa.protocol import Message, Scope, decode_actions
@@ -68,6 +69,26 @@ def test_chain_order_header_before_src() -> None:
     assert "set_cookie" not in a  # the chain does not name the sticky cookie: nothing to issue
     c = route(router, src=ipaddress.ip_address("192.0.2.1"))
     assert c["source"] == "src"
+
+
+def test_a_key_before_the_sticky_cookie_decides_and_issues_no_cookie() -> None:
+    """`header:X-User,cookie:SWARMID,src`: the header wins whenever present, cookie or not; only the
+    keys after the cookie issue one; HAProxy must not route by the cookie alone."""
+    chain = make_settings(sticky_key="header:X-User,cookie:SWARMID,src")
+    assert chain.issues_cookie and not chain.cookie_first
+    router = Router(chain, MEMBERS)
+    src = ipaddress.ip_address("192.0.2.1")
+    by_header = route(router, header=b"alice", src=src)
+    assert by_header["source"] == "header" and "set_cookie" not in by_header
+    by_src = route(router, src=src)
+    assert by_src["source"] == "src" and "set_cookie" in by_src
+    # A client holding a cookie for one member and a header for another goes where the header says.
+    other = next(m for m in MEMBERS if m.server_name != by_header["server"])
+    assert route(router, header=b"alice", sticky=router.cookie_value(other).encode())["server"] == by_header["server"]
+    assert route(router, sticky=router.cookie_value(other).encode())["server"] == other.server_name
+    assert router.cookie_map() == {}
+    assert Agent(chain).writer.cookie_map is None  # HAProxy's cookie shortcut stays empty
+    assert Agent(make_settings()).writer.cookie_map is not None
 
 
 def test_scale_up_moves_no_cookie_session_and_new_members_get_new_sessions() -> None:

@@ -115,15 +115,20 @@ class Router:
         self.cookie_name = settings.sticky_cookie
         self.secret = settings.cookie_secret
         self.issues_cookie = settings.issues_cookie
+        self.cookie_first = settings.cookie_first
         attrs = "; Path=/; HttpOnly; SameSite=Lax"
         if settings.cookie_max_age:
             attrs += f"; Max-Age={settings.cookie_max_age}"
         self._cookie_attrs = attrs
-        # The chain as (argument name, source index), the sticky cookie first where it stands.
-        self._steps: tuple[tuple[str, int], ...] = tuple(
-            ("sticky", COOKIE) if s.kind == "cookie" and s.name == self.cookie_name
-            else (_ARG_FOR_KIND[s.kind], _SOURCE_FOR_KIND[s.kind])
-            for s in self.chain
+        # The chain as (argument name, source index, issues the cookie), the sticky cookie where it
+        # stands. A key before the sticky cookie decides whether or not a cookie is present, so a
+        # decision of it issues none (the cookie would pin the client where that key may not).
+        sticky_at = next((i for i, s in enumerate(self.chain)
+                          if s.kind == "cookie" and s.name == self.cookie_name), len(self.chain))
+        self._steps: tuple[tuple[str, int, bool], ...] = tuple(
+            ("sticky", COOKIE, False) if i == sticky_at
+            else (_ARG_FOR_KIND[s.kind], _SOURCE_FOR_KIND[s.kind], i > sticky_at)
+            for i, s in enumerate(self.chain)
         )
         # Counters, indexed by source; read by metrics at scrape time.
         self.decisions = [0] * len(SOURCES)
@@ -214,8 +219,9 @@ class Router:
         return {m: counts.get(m, 0) / size for m in self.members}
 
     def cookie_map(self) -> dict[str, str]:
-        """Cookie value → server name for the members that are UP: the map HAProxy routes with."""
-        if not self.issues_cookie:
+        """Cookie value → server name for the members that are UP: the map HAProxy routes with (empty
+        unless the sticky cookie heads the chain: otherwise a cookie alone does not decide)."""
+        if not self.cookie_first:
             return {}
         return {t.cookie: t.member.server_name for t in self._targets.values()}
 
@@ -248,7 +254,7 @@ class Router:
         if not targets:
             return None, NONE, False
         issue = self.issues_cookie
-        for arg, source in self._steps:
+        for arg, source, issues in self._steps:
             value = args.get(arg)
             if value is None:
                 continue
@@ -275,7 +281,7 @@ class Router:
             if key is None:
                 continue
             # The ring's member if it is UP; if not, where the key goes once that member leaves.
-            return self._slots[hash_key(key) >> SLOT_SHIFT], source, issue
+            return self._slots[hash_key(key) >> SLOT_SHIFT], source, issue and issues
         # Nothing in the chain: spread new sessions over every UP member.
         target = self._target_list[next(self._round_robin) % len(self._target_list)]
         return target, NEW, issue
