@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     health = sub.add_parser("health", help="exit 0 when URL answers 200 (the image's HEALTHCHECK)")
-    health.add_argument("--url", default="http://127.0.0.1:9101/readyz")
+    health.add_argument("--url", default="http://127.0.0.1:9101/healthz")
     return parser
 
 

@@ -198,6 +198,19 @@ def test_health_endpoints_and_dns_metrics(three: Stack) -> None:
     assert three.metric("haproxy_swarm_dns_queries_total", outcome="failure") == 0
 
 
+def test_the_images_healthcheck_command(three: Stack) -> None:
+    """`haproxy-swarm health` (the Dockerfile's HEALTHCHECK): liveness of the agent, exit 0 or 1."""
+    def health(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "spoa", "health", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=DEADLINE, check=False)
+    assert health("--url", f"http://127.0.0.1:{three.metrics_port}/healthz").returncode == 0
+    assert "/healthz" in (REPO / "Dockerfile").read_text().split("HEALTHCHECK", 1)[1].split("\n\n", 1)[0]
+    down = health("--url", f"http://127.0.0.1:{three.metrics_port}/nothing-here")
+    assert down.returncode == 1
+    gone = health("--url", "http://127.0.0.1:9/healthz")
+    assert gone.returncode == 1 and "haproxy-swarm health: http://127.0.0.1:9/healthz" in gone.stderr
+
+
 def test_haproxys_own_exporter_on_the_stats_port(three: Stack) -> None:
     status, body = get(f"http://127.0.0.1:{three.stats_port}/metrics")
     assert status == 200
