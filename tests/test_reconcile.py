@@ -280,6 +280,15 @@ def test_after_a_reload_members_that_were_up_are_enabled_at_once_pending_ones_wa
     assert not any(a.becomes_up for a in p.actions)
 
 
+def test_a_health_view_older_than_the_restore_window_is_not_restored(r: Reconciler) -> None:
+    """HAProxy back after a long outage (not a reload's moment): its members get checks first."""
+    plan(r, {M1}, [up(M1)], now=0, pid=100)
+    p = plan(r, {M1}, [template(1)], now=r.restore_window + 0.1, pid=200)
+    assert p.reloaded and kinds(p) == {M1.server_name: ActionKind.ADD} and not p.actions[0].becomes_up
+    plan(r, {M1}, [up(M1)], now=100, pid=200)
+    assert plan(r, {M1}, [template(1)], now=100 + r.restore_window, pid=300).actions[0].becomes_up
+
+
 def test_sessions_are_only_needed_while_removing(r: Reconciler) -> None:
     assert not r.wants_sessions(frozenset({M1}), [up(M1), template(1)])
     assert r.wants_sessions(frozenset({M1}), [up(M1), up(M2)])

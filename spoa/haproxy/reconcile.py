@@ -175,11 +175,14 @@ class Reconciler:
         self.backend = backend
         self.drain_timeout = drain_timeout
         self.checks = checks or CheckSettings()
+        # How old the previous plan's health view may be for a reload to restore it (seconds).
+        self.restore_window = max(5.0, 2 * self.checks.inter)
         self._drain_started: dict[str, float] = {}
         self._recreate_started: dict[str, float] = {}
         self._pending_since: dict[str, float] = {}
         self._pid: int | None = None
         self._last_up: frozenset[str] = frozenset()  # server names UP at the previous plan
+        self._last_plan: float | None = None  # `now` of the previous plan
         self._names: dict[str, Member | None] = {}  # server name → member, for the names last seen
 
     def owned(self, servers: Iterable[ServerState]) -> dict[str, ServerState]:
@@ -230,8 +233,11 @@ class Reconciler:
         if observed.pid is not None:
             self._pid = observed.pid
         # After an operator's reload, the members that were UP just before come back UP at once: they
-        # are not starting tasks, and waiting for new checks would route their users elsewhere.
-        restore = self._last_up if reloaded else frozenset()
+        # are not starting tasks, and waiting for new checks would route their users elsewhere. Only
+        # when "just before" is recent: after a long outage of HAProxy that health view is stale.
+        recent = self._last_plan is not None and now - self._last_plan <= self.restore_window
+        restore = self._last_up if reloaded and recent else frozenset()
+        self._last_plan = now
         owned = self.owned(observed.servers)
         wanted = {m.server_name: m for m in desired}
         actions: list[Action] = []
