@@ -7,6 +7,7 @@ a task that stops answering or does not listen yet costs no failed request.
 
 from __future__ import annotations
 
+import http.client
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -47,6 +48,26 @@ def test_two_hundred_cookies_stick_and_spread(three: Stack) -> None:
         assert {u.name: visit(three, u) for u in crowd} == first
     loads = Counter(first.values())
     assert max(loads.values()) < 2 * min(loads.values()), loads
+
+
+def test_a_response_that_sets_the_cookie_is_private_to_its_client(three: Stack) -> None:
+    """A shared cache in front must not hand one user's sticky cookie to everybody."""
+    def get(cookie: str | None = None) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection("127.0.0.1", three.traffic_port, timeout=5)
+        try:
+            conn.request("GET", "/", headers={"Cookie": cookie} if cookie else {})
+            response = conn.getresponse()
+            response.read()
+            return response
+        finally:
+            conn.close()
+    first = get()
+    set_cookie = first.getheader("Set-Cookie") or ""
+    assert first.status == 200 and set_cookie.startswith("SWARMID=")
+    assert first.getheader("Cache-Control") == "private"
+    again = get(set_cookie.split(";", 1)[0])
+    assert again.status == 200 and again.getheader("Set-Cookie") is None
+    assert again.getheader("Cache-Control") is None  # only the answers that set the cookie
 
 
 def test_scale_up_moves_no_cookie_session_and_new_sessions_reach_the_new_task(three: Stack) -> None:
