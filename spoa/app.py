@@ -172,15 +172,31 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+# COOKIE_SECRET values that protect nothing: unset, or the example's placeholder.
+_WEAK_SECRETS = ("", "change-me")
+
+
+def startup_warnings(settings: Settings) -> list[str]:
+    """Settings that work but weaken the deployment; logged once at start (docs/security.md)."""
+    warnings = []
+    if not _is_loopback(settings.listen.host):
+        warnings.append(f"AGENT_LISTEN {settings.listen} is not a loopback address: SPOP has no "
+                        "authentication, so anyone who can reach it can talk to the agent")
+    if settings.issues_cookie and settings.cookie_secret in _WEAK_SECRETS:
+        what = "is not set" if not settings.cookie_secret else f"is the example's {settings.cookie_secret!r}"
+        warnings.append(f"COOKIE_SECRET {what}: anyone who knows the members' addresses can compute "
+                        "their sticky cookies; set the same secret on every replica")
+    return warnings
+
+
 def run_agent(settings: Settings) -> int:
     from spoa.agent.loop import run
 
     log.info("haproxy-swarm agent: service %s, nameserver %s, sticky key %s, SPOP on %s, metrics on %s",
              settings.service, settings.nameserver, ",".join(map(str, settings.sticky_key)),
              settings.listen, settings.metrics_listen)
-    if not _is_loopback(settings.listen.host):
-        log.warning("AGENT_LISTEN %s is not a loopback address: SPOP has no authentication, so anyone who "
-                    "can reach it can talk to the agent; see docs/security.md", settings.listen)
+    for warning in startup_warnings(settings):
+        log.warning("%s; see docs/security.md", warning)
     try:
         run(Agent(settings).run())
     except OSError as e:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from spoa.app import startup_warnings
 from spoa.config import (
     OPTIONS,
     ConfigError,
@@ -112,3 +113,15 @@ def test_every_setting_is_documented_and_every_haproxy_variable_has_a_default() 
     assert used - preset - optional == set()
     s = load_settings({}, {"SWARM_SERVICE": "tasks.x:8080"})
     assert set(s.haproxy_env()) <= preset | optional
+
+
+def test_weak_settings_are_warned_about_at_start() -> None:
+    def warnings(**env: str) -> list[str]:
+        return startup_warnings(load_settings({}, {"SWARM_SERVICE": "tasks.a:80"} | env))
+
+    assert warnings(COOKIE_SECRET="s3cret") == []
+    assert warnings(COOKIE_SECRET="s3cret", STICKY_KEY="src") == []  # no cookie, no secret needed
+    assert ["COOKIE_SECRET is not set" in w for w in warnings()] == [True]
+    assert ["'change-me'" in w for w in warnings(COOKIE_SECRET="change-me")] == [True]
+    (exposed,) = warnings(COOKIE_SECRET="s3cret", AGENT_LISTEN="0.0.0.0:12345")
+    assert exposed.startswith("AGENT_LISTEN 0.0.0.0:12345 is not a loopback address")
