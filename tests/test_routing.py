@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections import Counter
 from typing import Any
 
 from hypothesis import given, settings
@@ -211,3 +212,7 @@ def test_each_key_goes_to_its_ring_member_if_up_else_to_the_fallback_rings(
             continue
         member = reference_ring.lookup(key)
         assert decision.member == (member if member in up else reference_fallback.lookup(key))
+    # Shares: each slot counted for the member it really goes to.
+    counts = Counter(m if m in up else f for m, f in zip(reference_ring.table, reference_fallback.table,
+                                                          strict=True)) if up else Counter()
+    assert router.shares() == {m: counts[m] / len(reference_ring.table) for m in members}

