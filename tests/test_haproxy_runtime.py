@@ -416,6 +416,29 @@ async def test_backend_killed_while_up_is_reported_down(haproxy: HAProxyProcess,
         assert (status, headers["x-served-by"]) == (200, backend2.address)
 
 
+async def test_a_socket_that_never_answers_is_closed_by_us(tmp_path: Path) -> None:
+    """A session whose `prompt` times out closes its connection at once (not at garbage collection)."""
+    closed = asyncio.Event()
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(4096):  # reads what comes, answers nothing, until the client closes
+            pass
+        closed.set()
+        writer.close()
+
+    path = str(tmp_path / "mute.sock")
+    server = await asyncio.start_unix_server(mute, path)
+    try:
+        session = RuntimeAPI(path, timeout=0.2).session()  # still referenced: no help from the GC
+        with pytest.raises(RuntimeAPIUnavailable):
+            async with session:
+                pass
+        async with asyncio.timeout(2):
+            await closed.wait()
+    finally:
+        server.close()
+
+
 async def test_step_never_raises_when_haproxy_is_gone(haproxy: HAProxyProcess, backend2: Backend,
                                                       tmp_path: Path) -> None:
     m2 = member(backend2)

@@ -127,7 +127,11 @@ class RuntimeSession:
             raise RuntimeAPIUnavailable(self.api.address, f"connect timed out after {self.api.timeout}s") from None
         except (OSError, ValueError) as e:
             raise RuntimeAPIUnavailable(self.api.address, f"connect failed: {e}") from None
-        await self._exchange("prompt")
+        try:
+            await self._exchange("prompt")
+        except BaseException:
+            await self.__aexit__(None, None, None)  # `async with` does not exit what failed to enter
+            raise
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
