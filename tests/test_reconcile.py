@@ -275,9 +275,19 @@ def test_after_a_reload_members_that_were_up_are_enabled_at_once_pending_ones_wa
     assert by_server[M1.server_name].commands[-1] == f"enable server {BE}/{M1.server_name}"
     assert not by_server[M2.server_name].becomes_up
     assert not any(c.startswith("enable server") for c in by_server[M2.server_name].commands)
-    # Without a reload, a server that vanished is a new server again: checks first.
-    p = plan(r, {M1, M2}, [template(1)], pid=200)
+    # Without a reload (and past the restore window), a server that vanished is a new server again.
+    p = plan(r, {M1, M2}, [template(1)], pid=200, now=r.restore_window + 1)
     assert not any(a.becomes_up for a in p.actions)
+
+
+def test_a_restore_survives_a_step_that_broke_half_way(r: Reconciler) -> None:
+    """The socket broke after the reload was seen: the next plan (same pid) still restores."""
+    plan(r, {M1}, [up(M1)], now=0, pid=100)
+    assert plan(r, {M1}, [template(1)], now=0.5, pid=200).actions[0].becomes_up
+    p = plan(r, {M1}, [template(1)], now=1.0, pid=200)
+    assert not p.reloaded and p.actions[0].becomes_up
+    # Once the window has passed, a vanished server is a new one again: checks first.
+    assert not plan(r, {M1}, [template(1)], now=0.6 + r.restore_window, pid=200).actions[0].becomes_up
 
 
 def test_a_health_view_older_than_the_restore_window_is_not_restored(r: Reconciler) -> None:

@@ -183,6 +183,8 @@ class Reconciler:
         self._pid: int | None = None
         self._last_up: frozenset[str] = frozenset()  # server names UP at the previous plan
         self._last_plan: float | None = None  # `now` of the previous plan
+        self._restore: frozenset[str] = frozenset()  # UP before the last reload, until restore_until
+        self._restore_until = 0.0
         self._names: dict[str, Member | None] = {}  # server name → member, for the names last seen
 
     def owned(self, servers: Iterable[ServerState]) -> dict[str, ServerState]:
@@ -235,8 +237,14 @@ class Reconciler:
         # After an operator's reload, the members that were UP just before come back UP at once: they
         # are not starting tasks, and waiting for new checks would route their users elsewhere. Only
         # when "just before" is recent: after a long outage of HAProxy that health view is stale.
+        # Kept for the window, not just this plan: a step the socket breaks half-way re-plans it.
         recent = self._last_plan is not None and now - self._last_plan <= self.restore_window
-        restore = self._last_up if reloaded and recent else frozenset()
+        if reloaded:
+            self._restore = self._last_up if recent else frozenset()
+            self._restore_until = now + self.restore_window
+        elif now > self._restore_until:
+            self._restore = frozenset()
+        restore = self._restore
         self._last_plan = now
         owned = self.owned(observed.servers)
         wanted = {m.server_name: m for m in desired}
