@@ -27,7 +27,7 @@ ENV PATH=/opt/haproxy-swarm/bin:$PATH \
 USER 99:99
 EXPOSE 8099 8888 9101
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
-    CMD ["haproxy-swarm", "health", "--url", "http://127.0.0.1:9101/healthz"]
+    CMD ["haproxy-swarm", "health"]
 # The official image stops with SIGUSR1 (HAProxy's soft-stop); `run` soft-stops HAProxy and stops
 # the agent on SIGTERM, and SIGUSR1 would kill it before it could.
 STOPSIGNAL SIGTERM

@@ -7,13 +7,14 @@ setting stops here with a message naming it (exit code 2). Must not: hold logic 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from spoa import __version__
-from spoa.config import ConfigError, Settings, add_arguments, load_settings
+from spoa.config import ConfigError, HostPort, Settings, add_arguments, load_settings, parse_host_port
 from spoa.logs import setup_logging
 
 
@@ -37,13 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop after the walk-through instead of waiting for Ctrl-C")
 
     status = sub.add_parser("status", help="members, their health and share of the ring, for a running instance")
-    status.add_argument("--metrics", default="http://127.0.0.1:9101", help="the agent's metrics base URL")
+    status.add_argument("--metrics", default=None,
+                        help="the agent's metrics base URL [default: from METRICS_LISTEN, else http://127.0.0.1:9101]")
     status.add_argument("--haproxy-socket", default=None, help="HAProxy admin socket [env HAPROXY_SOCKET]")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     health = sub.add_parser("health", help="exit 0 when URL answers 200 (the image's HEALTHCHECK)")
-    health.add_argument("--url", default="http://127.0.0.1:9101/healthz")
+    health.add_argument("--url", default=None,
+                        help="[default: /healthz of the agent at METRICS_LISTEN, else http://127.0.0.1:9101]")
     return parser
+
+
+def local_metrics_url(environ: Mapping[str, str]) -> str:
+    """The base URL of this container's agent metrics, from METRICS_LISTEN (a wildcard address is
+    reached on loopback), so the HEALTHCHECK and `status` follow an operator's METRICS_LISTEN."""
+    try:
+        hp = parse_host_port(environ.get("METRICS_LISTEN") or "0.0.0.0:9101")
+    except ValueError:
+        hp = HostPort("127.0.0.1", 9101)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(hp.host, hp.host)
+    return f"http://{HostPort(host, hp.port)}"
 
 
 def _settings(args: argparse.Namespace) -> Settings | None:
@@ -77,12 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         from spoa.status import main as status_main
 
-        return status_main(args.metrics, args.haproxy_socket, as_json=args.json)
+        return status_main(args.metrics or local_metrics_url(os.environ), args.haproxy_socket, as_json=args.json)
     if args.command == "health":
+        url = args.url or local_metrics_url(os.environ) + "/healthz"
         try:
-            with urllib.request.urlopen(args.url, timeout=3) as resp:
+            with urllib.request.urlopen(url, timeout=3) as resp:
                 return 0 if resp.status == 200 else 1
         except (urllib.error.URLError, OSError) as e:
-            print(f"haproxy-swarm health: {args.url}: {e}", file=sys.stderr)
+            print(f"haproxy-swarm health: {url}: {e}", file=sys.stderr)
             return 1
     return 2

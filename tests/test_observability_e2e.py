@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from polling import wait_for
 
+from spoa.cli import local_metrics_url
 from spoa.local.client import User, users
 from spoa.local.stack import Stack
 
@@ -198,13 +199,25 @@ def test_health_endpoints_and_dns_metrics(three: Stack) -> None:
     assert three.metric("haproxy_swarm_dns_queries_total", outcome="failure") == 0
 
 
+def test_the_local_metrics_url_follows_metrics_listen() -> None:
+    assert local_metrics_url({}) == "http://127.0.0.1:9101"
+    assert local_metrics_url({"METRICS_LISTEN": "0.0.0.0:9200"}) == "http://127.0.0.1:9200"
+    assert local_metrics_url({"METRICS_LISTEN": "[::]:9200"}) == "http://[::1]:9200"
+    assert local_metrics_url({"METRICS_LISTEN": "10.0.0.5:9101"}) == "http://10.0.0.5:9101"
+    assert local_metrics_url({"METRICS_LISTEN": "not an address"}) == "http://127.0.0.1:9101"
+
+
 def test_the_images_healthcheck_command(three: Stack) -> None:
     """`haproxy-swarm health` (the Dockerfile's HEALTHCHECK): liveness of the agent, exit 0 or 1."""
-    def health(*args: str) -> subprocess.CompletedProcess[str]:
+    def health(*args: str, metrics_listen: str = "0.0.0.0:9") -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "spoa", "health", *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=DEADLINE, check=False)
+                              text=True, timeout=DEADLINE, check=False,
+                              env=os.environ | {"METRICS_LISTEN": metrics_listen})
     assert health("--url", f"http://127.0.0.1:{three.metrics_port}/healthz").returncode == 0
-    assert "/healthz" in (REPO / "Dockerfile").read_text().split("HEALTHCHECK", 1)[1].split("\n\n", 1)[0]
+    # As the image runs it: no URL, the agent found where METRICS_LISTEN puts it.
+    assert 'CMD ["haproxy-swarm", "health"]' in (REPO / "Dockerfile").read_text()
+    assert health(metrics_listen=f"0.0.0.0:{three.metrics_port}").returncode == 0
+    assert health(metrics_listen=f"127.0.0.1:{three.metrics_port}").returncode == 0
     down = health("--url", f"http://127.0.0.1:{three.metrics_port}/nothing-here")
     assert down.returncode == 1
     gone = health("--url", "http://127.0.0.1:9/healthz")
