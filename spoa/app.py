@@ -1,9 +1,11 @@
 """The agent process: the SPOE server, DNS discovery, the HAProxy writer and metrics, wired together.
 
 Owns: the one object that holds the agent's state (no globals), its control loop and its lifecycle.
-The control loop runs every `DNS_REFRESH` seconds: DNS → members; members → HAProxy servers (the
-writer reconciles and reports which servers are UP); UP members → the router's ring. Health is read
-back more often than DNS is polled, so a member HAProxy marks DOWN leaves the ring quickly.
+The control loop steps every `HEALTH_INTERVAL` (0.5 s; sooner when the writer asks) and polls DNS
+every `DNS_REFRESH` seconds: DNS → members; members → HAProxy servers (the writer reconciles and
+reports which servers are UP); UP members → the router's rings. So a member HAProxy marks DOWN
+leaves the ring within half a second, whatever the DNS interval. Before the first DNS answer the
+members are the servers HAProxy already holds (an agent restarted during a DNS outage).
 Must not: sit on the per-request path (that is `Router.handle`, called by the SPOE server).
 """
 
