@@ -486,7 +486,9 @@ backend agents
     option spop-check
     timeout connect 500ms
     timeout server 30s
-    server agent1 127.0.0.1:{agent} check inter 200ms fall 1 rise 1 on-marked-down shutdown-sessions
+    # A slow HELLO (the agent shares its loop with 200 clients here) gets 1 s, not just `inter`.
+    timeout check 1s
+    server agent1 127.0.0.1:{agent} check inter 200ms fall 2 rise 1 on-marked-down shutdown-sessions
 """)
     return cfg
 

@@ -40,15 +40,18 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from spoa.local.haproxy import process_alive
 from spoa.local.load import Load, Record
 from spoa.local.stack import Stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 REFRESH = 0.5  # DNS_REFRESH of the stack
-GRACE = 1.5  # MEMBER_GRACE: longer than the partial answer below, shorter than the DNS outage
-LAG = REFRESH + 1.0  # from the grace's end to the poll that sees it over (<= REFRESH) and the control step
-# that drains the member and swaps the ring (measured: well under a second; slack for a loaded machine)
+GRACE = 2.5  # MEMBER_GRACE: longer than the partial answer below (~1 s; slack for a loaded machine),
+# shorter than the DNS outage
+LAG = 2 * REFRESH + 1.0  # from the grace's end to the removal: the first poll that lacks a member comes
+# up to one refresh after DNS dropped it, the one that sees the grace over up to one refresh after that,
+# then one control step drains it and swaps the ring (measured: well under a second of that)
 RECOVERY_BOUND = 10.0  # seconds from a fault's end to the agent deciding again
 DECISIONS = "haproxy_swarm_decisions_total"
 SLOTS = 6
@@ -269,6 +272,8 @@ def test_chaos_under_load(stack: Stack) -> None:
         fault = Fault("HAProxy reload", time.monotonic())
         os.kill(stack.proc.pid, signal.SIGHUP)
         wait_for(lambda: _worker(stack) not in (None, old_worker), "a new HAProxy worker", 15)
+        # Until the old worker has exited it may still answer on the shared admin socket.
+        wait_for(lambda: not process_alive(int(old_worker)), "the old HAProxy worker exits", 15)
         stack.wait_up([0, 1])  # the agent wrote its servers back
         fault.end = time.monotonic()
         fault.recovered = wait_decisions_moving(stack, fault.end)

@@ -142,8 +142,10 @@ async def test_run_polls_and_calls_back_on_changes_only(server: DNSResponder) ->
         second = await asyncio.wait_for(calls.get(), 2)
         assert second == (members("10.0.0.2", "10.0.0.4"), members("10.0.0.4"), members("10.0.0.1"))
         assert d.lookups - lookups <= 2  # seen within one poll (plus the one in flight)
-        await asyncio.sleep(0.2)  # several polls with no change: no call
-        assert calls.empty() and d.lookups >= lookups + 3
+        async with asyncio.timeout(2):  # several polls with no change: no call
+            while d.lookups < lookups + 4:
+                await asyncio.sleep(0.01)
+        assert calls.empty()
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -166,7 +168,10 @@ async def test_run_survives_dns_errors_and_a_failing_callback(server: DNSRespond
     server.mode = "drop"
     task = asyncio.create_task(d.run(on_change))
     try:
-        await asyncio.sleep(0.15)
+        async with asyncio.timeout(2):  # two polls that time out
+            while d.lookups < 2:
+                await asyncio.sleep(0.01)
+        assert d.last_outcome is Outcome.TIMEOUT
         assert not task.done() and d.members == frozenset() and seen == []
         server.mode = "answer"
         async with asyncio.timeout(2):

@@ -47,7 +47,7 @@ def test_two_hundred_cookies_stick_and_spread(three: Stack) -> None:
     for _ in range(2):
         assert {u.name: visit(three, u) for u in crowd} == first
     loads = Counter(first.values())
-    assert max(loads.values()) < 2 * min(loads.values()), loads
+    assert max(loads.values()) < 2.5 * min(loads.values()), loads  # 200 keys: ~4 in 10,000 runs exceed 2x
 
 
 def test_a_response_that_sets_the_cookie_is_private_to_its_client(three: Stack) -> None:

@@ -409,20 +409,25 @@ def test_slow_partial_frames_and_missing_hellos_hit_the_read_deadline(target: Ta
     peers: list[tuple[str, Peer, float]] = []  # (kind, peer, when its partial frame began)
     trickled: list[tuple[Peer, bytes]] = []
     try:
+        # `began` is read before the agent can start each deadline (the HELLO's runs from the accept,
+        # a partial frame's from its first bytes), so a preempted test thread only makes it earlier.
         for i in range(5):
-            p = Peer(target.port)
-            peers.append(("silent", p, time.monotonic()))
+            began = time.monotonic()
+            peers.append(("silent", Peer(target.port), began))
+            began = time.monotonic()
             p = Peer(target.port)
             p.send(hello_bytes[: 10 + i])
-            peers.append(("half a HELLO", p, time.monotonic()))
+            peers.append(("half a HELLO", p, began))
             p = Peer(target.port)
             p.hello()
+            began = time.monotonic()
             p.send(notify[: 5 + i])
-            peers.append(("half a NOTIFY", p, time.monotonic()))
+            peers.append(("half a NOTIFY", p, began))
             p = Peer(target.port)
             p.hello()
+            began = time.monotonic()
             p.send(notify[:1])
-            peers.append(("trickled NOTIFY", p, time.monotonic()))
+            peers.append(("trickled NOTIFY", p, began))
             trickled.append((p, notify[1:]))
         # Trickle one byte every 0.4 s (never the whole frame) until the agent closes them.
         sel = selectors.DefaultSelector()
@@ -453,7 +458,7 @@ def test_slow_partial_frames_and_missing_hellos_hit_the_read_deadline(target: Ta
             kv = decode_kv_list(frames[-1].payload)
             assert kv["status-code"] == Status.TIMEOUT, (kind, kv)
             waited = closed[p] - began
-            assert READ_TIMEOUT - 0.1 <= waited <= READ_TIMEOUT + 1.5, f"{kind}: closed after {waited:.2f} s"
+            assert READ_TIMEOUT - 0.05 <= waited <= READ_TIMEOUT + 2.0, f"{kind}: closed after {waited:.2f} s"
     finally:
         for _, p, _ in peers:
             p.close()

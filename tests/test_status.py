@@ -33,6 +33,7 @@ from spoa.config import HostPort
 from spoa.discovery import Outcome
 from spoa.haproxy.writer import StepReport
 from spoa.local.ports import free_port
+from spoa.local.process import stop_process
 from spoa.member import Member
 from spoa.metrics import Metrics, MetricsServer
 
@@ -125,8 +126,7 @@ frontend stats
         if acceptor is not None:
             acceptor.join(5)
         if proc is not None:
-            proc.terminate()
-            proc.wait(10)
+            stop_process(proc)
         for s in listeners:
             s.close()
         shutil.rmtree(tmp, ignore_errors=True)

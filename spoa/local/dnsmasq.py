@@ -200,9 +200,11 @@ class Dnsmasq:
         os.kill(self.pid, signal.SIGSTOP)
         self._paused = True
 
-    def resume(self) -> None:
+    def resume(self, timeout: float = 10.0) -> None:
+        """Continue a paused dnsmasq; return once it answers again."""
         os.kill(self.pid, signal.SIGCONT)
         self._paused = False
+        self._wait_answering(timeout)
 
     def __enter__(self) -> Dnsmasq:
         return self.start()

@@ -57,7 +57,7 @@ class HAProxyError(RuntimeError):
     pass
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """True while process `pid` exists and is not a zombie waiting for its parent."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -153,7 +153,7 @@ class HAProxyProcess:
                     new = pid if pid != old else None
                 except (OSError, KeyError, ValueError):
                     pass
-            if new is not None and not _alive(old):
+            if new is not None and not process_alive(old):
                 return new
             time.sleep(0.02)
         raise HAProxyError(f"haproxy did not reload within {timeout}s "

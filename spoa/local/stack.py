@@ -7,6 +7,7 @@ haproxy.cfg, the real agent, real DNS and real HTTP. Must not: leave a process b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -63,6 +64,17 @@ def _cmdline(pid: int) -> list[str]:
             return f.read().decode(errors="replace").split("\0")
     except OSError:
         return []
+
+
+def _child_of(parent: int, kind: str) -> int | None:
+    """The pid of `run`'s child of `kind` ("agent" or "haproxy"), or None."""
+    for pid in child_pids(parent):
+        argv = _cmdline(pid)
+        is_agent = argv[-3:] == ["spoa", "agent", ""]  # `python -m spoa agent`, as the supervisor starts it
+        is_haproxy = bool(argv) and os.path.basename(argv[0]) == "haproxy"
+        if (is_agent and kind == "agent") or (is_haproxy and kind == "haproxy"):
+            return pid
+    return None
 
 
 class Stack:
@@ -137,7 +149,14 @@ class Stack:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
+                # `run` hangs: kill it, and its children too - HAProxy leads a session of its own,
+                # so killing `run`'s process group would leave it (and its ports) behind.
+                children = [pid for pid in (_child_of(proc.pid, "haproxy"), _child_of(proc.pid, "agent"))
+                            if pid is not None]
                 os.killpg(proc.pid, signal.SIGKILL)
+                for pid in children:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
                 proc.wait(timeout=5)
         if self._own_tasks:
             for task in self.tasks:
@@ -216,15 +235,7 @@ class Stack:
         return self._child("haproxy")
 
     def _child(self, kind: str) -> int | None:
-        if self.proc is None:
-            return None
-        for pid in child_pids(self.proc.pid):
-            argv = _cmdline(pid)
-            is_agent = argv[-3:] == ["spoa", "agent", ""]  # `python -m spoa agent`, as the supervisor starts it
-            is_haproxy = bool(argv) and os.path.basename(argv[0]) == "haproxy"
-            if (is_agent and kind == "agent") or (is_haproxy and kind == "haproxy"):
-                return pid
-        return None
+        return None if self.proc is None else _child_of(self.proc.pid, kind)
 
     def check_running(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
