@@ -156,7 +156,10 @@ class Stack:
                 os.killpg(proc.pid, signal.SIGKILL)
                 for pid in children:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
+                        if os.getpgid(pid) == pid:
+                            os.killpg(pid, signal.SIGKILL)
+                        else:
+                            os.kill(pid, signal.SIGKILL)
                 proc.wait(timeout=5)
         if self._own_tasks:
             for task in self.tasks:
