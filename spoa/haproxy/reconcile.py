@@ -10,6 +10,8 @@ Ownership: a server is the agent's when its name is a member's canonical `server
 operator's static servers) is never touched.
 
 Rules, per server (every command targets the configured backend):
+- desired, absent just after HAProxy was reloaded (a new pid), and UP in the previous plan (at most
+  `restore_window` before): added as below and enabled in the same step - not a starting task;
 - desired, absent: `add server <be>/<name> <addr> check inter .. fastinter .. downinter .. rise ..
   fall .. pool-max-conn -1 pool-purge-delay 5s`, then `enable health`. The server starts in
   maintenance with its checks running. The pool keywords are what a server from the config file
