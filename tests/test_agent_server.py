@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from polling import poll
 
 from spoa.agent import (
     DEFAULT_ERROR_ACTIONS,
@@ -62,18 +63,6 @@ def echo_handler(messages: list[Message]) -> bytes:
     """Answers each request with its own X-Req-Id (or "none"): cross-talk would show."""
     value = messages[0].args.get("id") if messages else None
     return encode_set_var(Scope.TRANSACTION, "server", value if isinstance(value, bytes) else b"none")
-
-
-async def poll(check: Callable[[], Awaitable[bool]], what: str, deadline: float = DEADLINE,
-               interval: float = 0.05) -> None:
-    """Poll `check` until it is true; fail with `what` after `deadline` seconds."""
-    end = time.monotonic() + deadline
-    while True:
-        if await check():
-            return
-        if time.monotonic() > end:
-            pytest.fail(f"timed out after {deadline} s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 # --------------------------------------------------------------------------- a raw SPOP client
@@ -226,11 +215,7 @@ async def test_pipelined_notifies_on_many_connections_each_get_their_own_ack(con
         assert observer.frames[FrameType.HAPROXY_HELLO] == 5 and observer.opened == 5
         for client in clients:
             client.close()
-        await poll(lambda: _true(observer.closed == 5), "connections to be reported closed")
-
-
-async def _true(value: bool) -> bool:
-    return value
+        await poll(lambda: observer.closed == 5, "connections to be reported closed", DEADLINE)
 
 
 def test_the_same_exchange_runs_on_uvloop() -> None:
@@ -344,7 +329,7 @@ async def test_connection_limit_refuses_the_newcomer_when_nobody_is_idle(connect
         await busy.hello()
         assert server.idle_connections == 1
         busy.send(notify(1, 1, b"x")[:6])  # a partial frame: not idle
-        await poll(lambda: _true(server.idle_connections == 0), "the partial frame to arrive")
+        await poll(lambda: server.idle_connections == 0, "the partial frame to arrive", DEADLINE)
         refused = await connect(server.address)
         assert (await refused.disconnect_status())[0] == Status.RESOURCE_ERROR
 
@@ -522,7 +507,7 @@ async def wait_ready(haproxy: Haproxy) -> None:
         except OSError:
             return False
 
-    await poll(up, "haproxy's spop-check of the agent to pass")
+    await poll(up, "haproxy's spop-check of the agent to pass", DEADLINE)
 
 
 @needs_haproxy
@@ -603,7 +588,7 @@ async def test_real_haproxy_falls_back_when_the_agent_dies_and_recovers_on_resta
             for i in range(20):  # every request is still served, from HAProxy's fallback
                 status, headers = await http_get(haproxy.frontend, f"down-{i}")
                 assert status == 200 and headers["x-target"] in ("fallback", f"down-{i}")
-            await poll(lambda: _has_target(haproxy.frontend, "fallback"), "the fallback answer")
+            await poll(lambda: _has_target(haproxy.frontend, "fallback"), "the fallback answer", DEADLINE, 0.05)
 
             agent = start_agent_process(port, tmp_path)
 
@@ -612,7 +597,7 @@ async def test_real_haproxy_falls_back_when_the_agent_dies_and_recovers_on_resta
                 assert status == 200
                 return headers["x-target"] == "back"
 
-            await poll(answered_by_agent, "the restarted agent's answers")
+            await poll(answered_by_agent, "the restarted agent's answers", DEADLINE, 0.05)
 
             agent.send_signal(signal.SIGTERM)  # graceful: exits 0
             assert agent.wait(DEADLINE) == 0

@@ -35,10 +35,11 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from polling import wait_for
 
 from spoa.local.haproxy import process_alive
 from spoa.local.load import Load, Record
@@ -101,16 +102,6 @@ class Fault:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 20.0, interval: float = 0.05) -> float:
-    """Poll `check` until true; return the seconds it took; fail after `timeout`."""
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-    return time.monotonic() - start
 
 
 def scrape(stack: Stack, name: str, **labels: str) -> float | None:
@@ -210,7 +201,7 @@ def test_chaos_under_load(stack: Stack) -> None:
         assert fault.end - fault.start < GRACE, "the partial answer lasted longer than MEMBER_GRACE"
         queries = scrape(stack, "haproxy_swarm_dns_queries_total", outcome="ok") or 0
         wait_for(lambda: (scrape(stack, "haproxy_swarm_dns_queries_total", outcome="ok") or 0) >= queries + 2
-                 and time.monotonic() > fault.start + GRACE + LAG, "two more full answers, past the grace")
+                 and time.monotonic() > fault.start + GRACE + LAG, "two more full answers, past the grace", 20)
         assert scrape(stack, "haproxy_swarm_members", state="missing") == 0
         assert scrape(stack, "haproxy_swarm_members_removed_total") == removed_before, \
             "a partial answer removed members"
@@ -260,7 +251,7 @@ def test_chaos_under_load(stack: Stack) -> None:
         failures = scrape(stack, "haproxy_swarm_dns_queries_total") or 0
         wait_for(lambda: (scrape(stack, "haproxy_swarm_dns_last_success_timestamp_seconds") or 0) > time.time() - 0.5
                  and (scrape(stack, "haproxy_swarm_dns_queries_total") or 0) > failures,
-                 "a successful DNS answer after the outage")
+                 "a successful DNS answer after the outage", 20)
         assert scrape(stack, "haproxy_swarm_members_removed_total") == removed_before, "DNS down removed members"
         assert stack.up() == stack.addresses([0, 1])
         fault.recovered = wait_decisions_moving(stack, fault.end)
@@ -283,7 +274,7 @@ def test_chaos_under_load(stack: Stack) -> None:
         # Some steady traffic after the last fault.
         settle = time.monotonic()
         wait_for(lambda: time.monotonic() - settle > 1.0 and all(load.summary().sent > 0 for load in loads),
-                 "traffic after the last fault")
+                 "traffic after the last fault", 20)
     finally:
         summaries = [load.stop() for load in loads]
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from dnsresponder import DNSResponder
+from polling import poll
 
 from spoa.config import ServiceSpec, Settings
 from spoa.discovery import Discovery, Membership, OutageLog, Outcome, Resolver
@@ -142,10 +143,8 @@ async def test_run_polls_and_calls_back_on_changes_only(server: DNSResponder) ->
         second = await asyncio.wait_for(calls.get(), 2)
         assert second == (members("10.0.0.2", "10.0.0.4"), members("10.0.0.4"), members("10.0.0.1"))
         assert d.lookups - lookups <= 2  # seen within one poll (plus the one in flight)
-        async with asyncio.timeout(2):  # several polls with no change: no call
-            while d.lookups < lookups + 4:
-                await asyncio.sleep(0.01)
-        assert calls.empty()
+        await poll(lambda: d.lookups >= lookups + 4, "several polls with no change", 2)
+        assert calls.empty()  # and no call
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -168,15 +167,11 @@ async def test_run_survives_dns_errors_and_a_failing_callback(server: DNSRespond
     server.mode = "drop"
     task = asyncio.create_task(d.run(on_change))
     try:
-        async with asyncio.timeout(2):  # two polls that time out
-            while d.lookups < 2:
-                await asyncio.sleep(0.01)
+        await poll(lambda: d.lookups >= 2, "two polls that time out", 2)
         assert d.last_outcome is Outcome.TIMEOUT
         assert not task.done() and d.members == frozenset() and seen == []
         server.mode = "answer"
-        async with asyncio.timeout(2):
-            while not seen:
-                await asyncio.sleep(0.01)
+        await poll(lambda: bool(seen), "a delivery once DNS answers", 2)
         # the callback raised twice; the third poll delivered everything it had missed
         assert seen == [members("10.0.0.1", "10.0.0.2")]
         assert "callback failed" in caplog.text
