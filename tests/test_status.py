@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 from test_metrics import AgentView, make_agent
 
 from spoa import status
@@ -109,17 +110,16 @@ frontend stats
 """)
         proc = subprocess.Popen(["haproxy", "-db", "-f", config], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + DEADLINE
-        while True:  # until the socket answers and every check has had its verdict
-            assert proc.poll() is None, "haproxy exited"
+        def settled() -> bool:  # the socket answers and every check has had its verdict
+            assert proc is not None and proc.poll() is None, "haproxy exited"
             with contextlib.suppress(status.StatusError):
                 rows = status.parse_show_stat(command(sock, "show stat be_app 4 -1"))
                 state = {r["svname"]: r["status"] for r in rows}
-                if (all(state.get(m.server_name) == "UP" for m in [*up, stranger])
-                        and state.get(down.server_name) == "DOWN"):
-                    break
-            assert time.monotonic() < deadline, "haproxy's checks did not settle"
-            time.sleep(0.05)
+                return (all(state.get(m.server_name) == "UP" for m in [*up, stranger])
+                        and state.get(down.server_name) == "DOWN")
+            return False
+
+        wait_for(settled, "haproxy's checks settle", DEADLINE, 0.05)
         yield HAProxy(sock, stats_port, up, down, stranger)
     finally:
         stop.set()
