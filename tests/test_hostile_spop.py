@@ -531,6 +531,8 @@ def test_a_peer_that_stops_reading_is_paused_not_buffered(target: Target) -> Non
                     pending = pending[n:]
         assert sent < FLOOD_CAP, f"the agent read {sent >> 20} MiB without anyone reading its ACKs"
         grown = rss_mb(target.pid) - rss_before
+        print(f"\nback-pressure: the agent stopped reading after {sent / 2**20:.1f} MiB ({frames:,} NOTIFYs "
+              f"sent in part or whole); its RSS grew {grown:.1f} MB")
         assert grown < 16, f"the agent buffered {grown:.1f} MiB for a peer that does not read"
 
         # Paused longer than the read deadline: a partial frame left unread is not the peer's fault.
