@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from spoa.local.dnsmasq import Dnsmasq
-from spoa.local.haproxy import admin_command, show_info
+from spoa.local.haproxy import admin_command, haproxy_binary, show_info
 from spoa.local.ports import free_port
 from spoa.local.process import stop_process
 from spoa.local.stack import Stack
@@ -88,7 +88,7 @@ class HAProxyConfig:
 
     def start(self, timeout: float = 10.0) -> HAProxyConfig:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([shutil.which("haproxy") or "haproxy", "-W", "-db", "-f", self.path],
+            self.proc = subprocess.Popen([haproxy_binary(), "-W", "-db", "-f", self.path],
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -417,7 +417,8 @@ def machine() -> str:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    version = subprocess.run(["haproxy", "-v"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+    version = subprocess.run([haproxy_binary(), "-v"], capture_output=True, text=True,
+                             check=False).stdout.split("\n")[0]
     wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
     return (f"{os.cpu_count()} CPUs ({model}), Python {sys.version.split()[0]}, {version.split(' - ')[0]}, "
             f"{(wrk.stdout + wrk.stderr).split(' Copyright')[0].strip()}")

@@ -231,6 +231,7 @@ class Settings:
     haproxy_socket: str = ""  # "" → <run_dir>/admin.sock
     haproxy_backend: str = "be_app"
     haproxy_config: str = ""  # "" → the haproxy.cfg shipped beside the package
+    haproxy_bin: str = ""  # "" → `haproxy` on PATH
     check_path: str = ""  # "" → TCP connect checks
     drain_timeout: float = 30.0
     max_connections: int = 1000
@@ -357,6 +358,8 @@ OPTIONS: tuple[Option, ...] = (
            "HAProxy backend that holds the service's servers", "be_app"),
     Option("haproxy_config", "HAPROXY_CONFIG", "--haproxy-config", parse_path_or_empty,
            "haproxy.cfg for `run` (the shipped one by default)", "the shipped haproxy.cfg"),
+    Option("haproxy_bin", "HAPROXY_BIN", "--haproxy-bin", parse_path_or_empty,
+           "the haproxy binary `run` starts (and the tests use)", "`haproxy` on PATH"),
     Option("check_path", "CHECK_PATH", "--check-path", parse_path_or_empty,
            "HTTP health-check path for members; empty = TCP connect check", "(empty)"),
     Option("drain_timeout", "DRAIN_TIMEOUT", "--drain-timeout", parse_seconds,

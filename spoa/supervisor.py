@@ -34,7 +34,8 @@ class Supervisor:
         self.ready_timeout = ready_timeout
         env = dict(os.environ) | settings_env(settings) | settings.haproxy_env()
         self.env = env
-        self.haproxy = HAProxyProcess(env, config=settings.haproxy_config or shipped_config())
+        self.haproxy = HAProxyProcess(env, config=settings.haproxy_config or shipped_config(),
+                                      binary=settings.haproxy_bin or None)
         self.agent: subprocess.Popen[bytes] | None = None
         self._stop_signal: int | None = None
         self._reload_requested = False

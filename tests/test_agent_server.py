@@ -12,7 +12,6 @@ import contextlib
 import csv
 import io
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -34,6 +33,7 @@ from spoa.agent import (
     uses_uvloop,
 )
 from spoa.config import HostPort
+from spoa.local.haproxy import haproxy_binary
 from spoa.protocol import (
     Frame,
     FrameType,
@@ -370,8 +370,8 @@ async def test_sigterm_handler_triggers_graceful_close(connect: Connect) -> None
 
 # --------------------------------------------------------------------------- real HAProxy 2.6
 
-HAPROXY = shutil.which("haproxy")
-needs_haproxy = pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
+HAPROXY = haproxy_binary()
+needs_haproxy = pytest.mark.skipif(not os.access(HAPROXY, os.X_OK), reason="haproxy is not installed")
 
 
 def free_port() -> int:

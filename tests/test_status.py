@@ -33,6 +33,7 @@ from spoa import status
 from spoa.config import HostPort
 from spoa.discovery import Outcome
 from spoa.haproxy.writer import StepReport
+from spoa.local.haproxy import haproxy_binary
 from spoa.local.ports import free_port
 from spoa.local.process import stop_process
 from spoa.member import Member
@@ -41,7 +42,6 @@ from spoa.metrics import Metrics, MetricsServer
 REPO = Path(__file__).resolve().parent.parent
 DEADLINE = 15.0
 
-pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy")
 
 
 @dataclass
@@ -108,7 +108,7 @@ frontend stats
     bind 127.0.0.1:{stats_port}
     http-request use-service prometheus-exporter if {{ path /metrics }}
 """)
-        proc = subprocess.Popen(["haproxy", "-db", "-f", config], stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen([haproxy_binary(), "-db", "-f", config], stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         def settled() -> bool:  # the socket answers and every check has had its verdict
             assert proc is not None and proc.poll() is None, "haproxy exited"

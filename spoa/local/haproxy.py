@@ -29,6 +29,12 @@ def shipped_config() -> str:
     return str(here) if here.is_file() else _INSTALLED_CONFIG
 
 
+def haproxy_binary() -> str:
+    """The haproxy binary to run: HAPROXY_BIN when set (tests select the HAProxy version with it),
+    else `haproxy` on PATH (Debian installs it in /usr/sbin)."""
+    return os.environ.get("HAPROXY_BIN") or shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
 def admin_command(socket_path: str, command: str, timeout: float = 5.0) -> str:
     """Send one command on the admin socket and return the whole answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -73,7 +79,7 @@ class HAProxyProcess:
                  binary: str | None = None, log_path: str | None = None) -> None:
         self.config = config or shipped_config()
         self.env = dict(os.environ) | dict(env)
-        self.binary = binary or shutil.which("haproxy") or "haproxy"
+        self.binary = binary or self.env.get("HAPROXY_BIN") or haproxy_binary()
         self.socket_path = self.env.get("HAPROXY_SOCKET") or os.path.join(
             self.env.get("RUN_DIR", "/var/run/haproxy-swarm"), "admin.sock")
         # HAProxy logs to stderr; a file (not an unread pipe) so it can never block on a full pipe.
