@@ -18,6 +18,7 @@ RUN python3 -m venv /opt/haproxy-swarm \
     && /opt/haproxy-swarm/bin/pip install --no-cache-dir "/src[fast]" \
     && rm -rf /src
 COPY haproxy.cfg spoe.conf /etc/haproxy-swarm/
+COPY maps /etc/haproxy-swarm/maps
 RUN mkdir -p /var/run/haproxy-swarm && chown haproxy:haproxy /var/run/haproxy-swarm
 
 ENV PATH=/opt/haproxy-swarm/bin:$PATH \
