@@ -1,13 +1,14 @@
 """Sticky users for the Swarm test, run inside a client container on the stack's overlay network.
 
 Owns: a crowd of users, as many as the users file says (the test adds some after each change), each
-its own cookie jar, one request at a time, a fresh connection per request, sending GET / to the HAProxy replicas of a stack, and one JSON line per request in an
-output file. The replicas are the addresses Swarm's DNS gives for `tasks.<haproxy service>`,
-re-resolved every half second; a user alternates between them request by request, so two replicas
-each answer every user. A connection that is refused (a replica stopping, still in DNS) is retried
-at once on another replica, as a load balancer in front would; the record says so (`retried_from`).
-Must not: hide a failure (anything but a 200 with an X-Served-By is failed, including timeouts) or
-run unbounded (it stops when the stop file appears or after --duration seconds).
+its own cookie jar, one request at a time, a fresh connection per request, sending GET / to the
+HAProxy replicas of a stack, and one JSON line per request in an output file. The replicas are the
+addresses Swarm's DNS gives for `tasks.<haproxy service>`, re-resolved every half second; a user
+alternates between them request by request, so two replicas each answer every user. A connection
+that is refused (a replica stopping, still in DNS) is retried at once on another replica, as a load
+balancer in front would; the record says so (`retried_from`). Must not: hide a failure (anything but
+a 200 with an X-Served-By is failed, including timeouts) or run unbounded (it stops when the stop
+file appears or after --duration seconds).
 
 Standard library only: it runs under the project image's python3, mounted read-only.
 """
