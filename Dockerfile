@@ -11,15 +11,24 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv tini \
     && rm -rf /var/lib/apt/lists/*
 
-COPY pyproject.toml README.md /src/
+# The Python dependencies are pinned with their hashes (requirements-image.txt, made by pip-compile
+# from pyproject.toml, see docs/verification.md): two builds of one commit install the same files.
+# The package itself then goes in without resolving anything (--no-deps, --no-build-isolation: its
+# build backend is pinned in the lock too), and `pip check` proves the lock satisfies pyproject.toml.
+COPY pyproject.toml README.md requirements-image.txt /src/
 COPY spoa /src/spoa
-# hadolint ignore=DL3013
 RUN python3 -m venv /opt/haproxy-swarm \
-    && /opt/haproxy-swarm/bin/pip install --no-cache-dir "/src[fast]" \
+    && /opt/haproxy-swarm/bin/pip install --no-cache-dir --require-hashes --only-binary :all: \
+        -r /src/requirements-image.txt \
+    && /opt/haproxy-swarm/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src \
+    && /opt/haproxy-swarm/bin/pip check \
     && rm -rf /src
 COPY haproxy.cfg spoe.conf /etc/haproxy-swarm/
 COPY maps /etc/haproxy-swarm/maps
 RUN mkdir -p /var/run/haproxy-swarm && chown haproxy:haproxy /var/run/haproxy-swarm
+# The build fails on a config this image's HAProxy rejects (defaults from the config's presetenv lines,
+# the same check as docs/verification.md's `haproxy -c`).
+RUN haproxy -c -f /etc/haproxy-swarm/haproxy.cfg
 
 ENV PATH=/opt/haproxy-swarm/bin:$PATH \
     HAPROXY_CONFIG=/etc/haproxy-swarm/haproxy.cfg \

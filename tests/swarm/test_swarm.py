@@ -1,0 +1,270 @@
+"""The image on a real Docker Swarm (single node, 127.0.0.1), end to end: issue 10, part 2.
+
+Needs a Docker engine (`scripts/dockerd`) and builds its images with `scripts/swarm-images`
+(cached by content). Runs only when selected: `pytest -m swarm tests/swarm -s` (-s prints the
+figures). Test traffic goes to 127.0.0.1 (the old stack file's host-mode ports) and to the task
+addresses of the stacks the test deployed, from a client container the test started on the
+stack's network; nothing else. Everything the test starts, it removes, also on failure, and the
+last check is that nothing is left (`Swarm.close`).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from swarmkit import (
+    REPO,
+    Images,
+    Record,
+    Step,
+    Swarm,
+    analyse,
+    app_servers,
+    docker,
+    in_task,
+    read_records,
+    server_name,
+    tasks,
+    wait_for,
+)
+
+pytestmark = pytest.mark.swarm
+
+STACK = "demo"  # the name docker-stack.yml's first line deploys it under
+HAPROXY = f"{STACK}_haproxy-swarm"
+BACKEND = f"{STACK}_backend"
+NETWORK = f"{STACK}_backend"
+CLIENT = "haproxy-swarm-test-client"
+NEW_USERS_PER_STEP = 12
+
+
+@pytest.fixture(scope="module")
+def images() -> Images:
+    return Images.build()
+
+
+@pytest.fixture(scope="module")
+def swarm(images: Images) -> Iterator[Swarm]:
+    s = Swarm()
+    try:
+        s.start()
+        yield s
+    finally:
+        left = s.close()
+    assert not left, f"left behind: {left}"
+
+
+def get_local(port: int, path: str = "/", cookie: str | None = None) -> http.client.HTTPResponse:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", path, headers={"Cookie": cookie} if cookie else {})
+    resp = conn.getresponse()
+    resp.body = resp.read()  # type: ignore[attr-defined]
+    conn.close()
+    return resp
+
+
+def answers(port: int) -> bool:
+    try:
+        return get_local(port).status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(300)
+def test_the_old_tools_stack_file_runs_unchanged_but_the_publish_mode(swarm: Swarm) -> None:
+    """The seed's set-up as its users type it: the Swarm config, then the old tool's stack file."""
+    for port in (8099, 8888):
+        assert not answers(port), f"127.0.0.1:{port} is taken before the test; the stack publishes it"
+    swarm.create_config("my-config", "tasks.backend:80")
+    swarm.deploy("oldtool", "tests/swarm/stacks/old-tool.yml", "tests/swarm/stacks/old-tool.host-ports.yml")
+    wait_for(lambda: len(tasks("oldtool_backend", "oldtool_default")) == 1, "the backend task runs", 60, 0.5)
+    backend = tasks("oldtool_backend", "oldtool_default")[0]
+
+    def task_up() -> bool:
+        try:
+            stats = get_local(8888, "/;csv").body.decode()  # type: ignore[attr-defined]
+        except OSError:
+            return False
+        return any(row.startswith(f"be_app,{server_name(backend.ip)},") and ",UP," in row
+                   for row in stats.splitlines())
+
+    # The stats page on 127.0.0.1:8888 lists the task, UP (the agent wrote it into HAProxy).
+    wait_for(task_up, "the stats page lists the backend task UP", 90, 0.5)
+
+    first = get_local(8099)
+    assert first.getheader("X-Served-By") == f"{backend.ip}:80", "served by the backend task"
+    cookie = first.getheader("Set-Cookie")
+    assert cookie and cookie.startswith("SWARMID="), "a first visit gets the sticky cookie"
+    again = get_local(8099, cookie=cookie.split(";", 1)[0])
+    assert again.getheader("X-Served-By") == f"{backend.ip}:80"
+    assert again.getheader("Set-Cookie") is None, "a returning visitor is not given a new cookie"
+
+    haproxy = tasks("oldtool_haproxy", "oldtool_default")
+    assert len(haproxy) == 1
+    wait_for(lambda: tasks("oldtool_haproxy", "oldtool_default")[0].health == "healthy",
+             "the image's HEALTHCHECK reports healthy", 60, 1.0)
+    swarm.remove_stack("oldtool")
+
+
+def scale(service: str, replicas: int) -> None:
+    docker("service", "scale", f"{service}={replicas}", timeout=180)
+
+
+def members_up_everywhere(haproxy: list[str], members: set[str]) -> bool:
+    """Every HAProxy replica holds exactly `members` as agent-written servers, all UP: a removed
+    member's server is gone (drained and deleted), not only out of the UP set, since HAProxy still
+    sends its sticky users to a server in DRAIN."""
+    want = {server_name(ip): "UP" for ip in members}
+    return all(app_servers(container) == want for container in haproxy)
+
+
+class Users:
+    """The client container's users (tests/swarm/swarmload.py) and their records."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.wanted = 0
+
+    def add(self, n: int) -> None:
+        self.wanted += n
+        (self.out / "users.tmp").write_text(str(self.wanted))
+        (self.out / "users.tmp").rename(self.out / "users")
+
+    def records(self) -> list[Record]:
+        return read_records(self.out / "records.jsonl")
+
+    def each_answered_since(self, t: float, n: int = 2) -> bool:
+        """Every user has had `n` good answers since `t`."""
+        seen: dict[str, int] = {}
+        for r in self.records():
+            seen.setdefault(r.user, 0)
+            if r.t >= t and r.ok:
+                seen[r.user] += 1
+        return len(seen) >= self.wanted and all(c >= n for c in seen.values())
+
+
+@pytest.mark.timeout(900)
+def test_shipped_stack_scales_survives_a_kill_and_a_rolling_restart(swarm: Swarm,
+                                                                    request: pytest.FixtureRequest) -> None:
+    """docker-stack.yml as shipped (plus tests/swarm/stacks/docker-stack.sandbox.yml), two HAProxy
+    replicas, sticky users all the time: scale 1 -> 3 -> 6 -> 2, kill a task, restart the replicas."""
+    swarm.deploy(STACK, "docker-stack.yml", "tests/swarm/stacks/docker-stack.sandbox.yml")
+    scale(BACKEND, 1)
+    wait_for(lambda: len(tasks(HAPROXY, NETWORK)) == 2 and len(tasks(BACKEND, NETWORK)) == 1,
+             "two HAProxy replicas and one backend task run", 120, 0.5)
+    haproxy = [t.container for t in tasks(HAPROXY, NETWORK)]
+    members = {t.ip for t in tasks(BACKEND, NETWORK)}
+    wait_for(lambda: members_up_everywhere(haproxy, members), "both replicas have the backend task UP", 60, 0.5)
+
+    out = Path(tempfile.mkdtemp(prefix="haproxy-swarm-test-"))
+    request.addfinalizer(lambda: shutil.rmtree(out, ignore_errors=True))
+    os.chmod(out, 0o777)  # the client container writes here
+    users = Users(out)
+    users.add(20)
+    swarm.run_container(
+        CLIENT, "--network", NETWORK, "--user", "0", "--entrypoint", "python3",
+        "-v", f"{REPO / 'tests' / 'swarm'}:/load:ro", "-v", f"{out}:/out", "haproxy-swarm:latest",
+        "/load/swarmload.py", "--replicas-dns", "tasks.haproxy-swarm", "--users-file", "/out/users",
+        "--think", "0.5", "--out", "/out/records.jsonl", "--stop-file", "/out/stop", "--duration", "840")
+    wait_for(lambda: users.each_answered_since(0, 3), "every first user has three answers", 60, 0.5)
+
+    steps: list[Step] = []
+    problems: list[str] = []
+
+    def check(ok: bool, problem: str) -> None:
+        if not ok:
+            problems.append(problem)
+    for replicas in (3, 6, 2):
+        before = members
+        start = time.time()
+        scale(BACKEND, replicas)
+        members = {t.ip for t in tasks(BACKEND, NETWORK)}
+        assert len(members) == replicas
+        wait_for(lambda m=members: members_up_everywhere(haproxy, m),  # type: ignore[misc]
+                 f"both replicas have the {replicas} tasks UP and only them", 90, 0.3)
+        settled = time.time()
+        users.add(NEW_USERS_PER_STEP)
+        wait_for(lambda s=settled: users.each_answered_since(s, 4), "every user answered 4 times after the change",
+                 60, 0.5)
+        step = analyse(f"scale {len(before)} -> {replicas}", users.records(), start, settled, time.time(), members)
+        steps.append(step)
+        print(step.line())
+        check(step.failed == 0, f"{step.name}: failed requests {step.failures[:5]}")
+        check(not step.users_moved, f"{step.name}: users whose task stayed but who moved: {step.users_moved}")
+        check(not step.disagreements, f"{step.name}: {step.disagreements[:5]}")
+        check(not step.removed_unsettled,
+              f"{step.name}: users of removed tasks not settled {step.removed_unsettled[:5]}")
+        check(step.new_users >= NEW_USERS_PER_STEP, f"{step.name}: only {step.new_users} new users")
+        if replicas > len(before):
+            check(members - before <= step.new_users_tasks, f"{step.name}: new users did not reach every new task")
+
+    # docker kill one backend task: Swarm replaces it; no request fails once HAProxy marks it down.
+    victim = tasks(BACKEND, NETWORK)[0]
+    start = time.time()
+    docker("kill", victim.container)
+    wait_for(lambda: all(app_servers(c).get(server_name(victim.ip)) != "UP" for c in haproxy),
+             "both replicas mark the killed task down", 30, 0.1)
+    marked_down = time.time()
+    wait_for(lambda: len({t.ip for t in tasks(BACKEND, NETWORK)} - {victim.ip}) == 2,
+             "Swarm replaces the killed task", 60, 0.5)
+    members = {t.ip for t in tasks(BACKEND, NETWORK)} - {victim.ip}
+    wait_for(lambda: members_up_everywhere(haproxy, members), "the replacement is UP on both replicas", 90, 0.3)
+    settled = time.time()
+    wait_for(lambda: users.each_answered_since(settled, 4), "every user answered 4 times after the kill", 60, 0.5)
+    records = users.records()
+    kill = analyse("kill one task", records, start, settled, time.time(), members)
+    after_down = analyse("kill, after marked down", records, marked_down, settled, time.time(), members)
+    print(f"{kill.line()}; marked down on both replicas {marked_down - start:.1f} s after the kill; "
+          f"failed before that: {kill.failed - after_down.failed}")
+    steps.append(kill)
+    check(after_down.failed == 0, f"kill: failed after marked down {after_down.failures[:5]}")
+    check(not kill.users_moved, f"kill: users moved {kill.users_moved}")
+    check(not kill.disagreements, f"kill: {kill.disagreements[:5]}")
+    check(not kill.removed_unsettled, f"kill: users of the killed task not settled {kill.removed_unsettled[:5]}")
+
+    # A rolling restart of the two HAProxy replicas (update_config: start-first).
+    start = time.time()
+    docker("service", "update", "--force", HAPROXY, timeout=300)
+    new_haproxy = [t.container for t in tasks(HAPROXY, NETWORK)]
+    assert len(new_haproxy) == 2 and not set(new_haproxy) & set(haproxy), "both replicas were replaced"
+    haproxy = new_haproxy
+    wait_for(lambda: members_up_everywhere(haproxy, members), "the new replicas have every task UP", 60, 0.3)
+    settled = time.time()
+    wait_for(lambda: users.each_answered_since(settled, 4), "every user answered four times after the restart",
+             60, 0.5)
+    restart = analyse("rolling restart of haproxy", users.records(), start, start, time.time(), members)
+    print(f"{restart.line()}; the update took {settled - start:.1f} s")
+    steps.append(restart)
+    check(restart.failed == 0, f"rolling restart: failed requests {restart.failures[:5]}")
+    check(not restart.users_moved, f"rolling restart: users moved {restart.users_moved}")
+    check(not restart.disagreements, f"rolling restart: replicas disagree {restart.disagreements[:5]}")
+
+    (out / "stop").touch()
+    wait_for(lambda: docker("inspect", "-f", "{{.State.Running}}", CLIENT).strip() == "false",
+             "the client container stops", 30, 0.5)
+    swarm.remove_container(CLIENT)
+    total = users.records()
+    print(f"total: {len(total)} requests from {len({r.user for r in total})} users, "
+          f"{sum(not r.ok for r in total)} failed, slowest answer {max(r.latency for r in total):.2f} s")
+
+    # The image's HEALTHCHECK, the stats page of each replica, the agent's /metrics.
+    wait_for(lambda: all(t.health == "healthy" for t in tasks(HAPROXY, NETWORK)),
+             "both replicas' HEALTHCHECK reports healthy", 60, 1.0)
+    for container in haproxy:
+        assert app_servers(container) == {server_name(ip): "UP" for ip in members}
+        stats_html = in_task(container, "http://127.0.0.1:8888/")
+        for ip in members:
+            assert server_name(ip) in stats_html
+        metrics = in_task(container, "http://127.0.0.1:9101/metrics")
+        assert "haproxy_swarm_build_info" in metrics
+
+    swarm.remove_stack(STACK)
+    # Every step ran (each one's figures are printed); the requirements they missed fail the test here.
+    assert not problems, "\n".join(problems)
