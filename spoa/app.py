@@ -83,7 +83,7 @@ class Agent:
             # The router lets go of a leaving member before HAProxy is told to drain it, so no
             # decision names a server HAProxy will not use.
             await self._update_router(members, self.router.up & members)
-        report = await self.writer.step(members, now)
+        report = await self.writer.step(members, now, frozenset(self.discovery.membership.missing))
         self.metrics.haproxy_step(report)
         if report.reachable != self.haproxy_reachable:
             if report.reachable:

@@ -315,6 +315,32 @@ def test_invalid_settings_are_refused() -> None:
         CheckSettings(inter=0)
 
 
+# --------------------------------------------------------------------------- members missing from DNS
+
+
+def test_a_member_missing_from_dns_leaves_balancing_and_returns_with_its_weight(r: Reconciler) -> None:
+    # Kept for the grace: still desired and UP (its users' decisions stand), but HAProxy's own
+    # balancing (a redispatch, an undecided request) must not pick it.
+    p = r.plan(frozenset({M1, M2}), Observation([up(M1), up(M2)]), 0.0, missing=frozenset({M2}))
+    assert commands(p) == [f"set server {BE}/{M2.server_name} weight 0"]
+    assert kinds(p) == {M2.server_name: ActionKind.UNBALANCE} and p.up == {M1, M2}
+    unweighted = replace(up(M2), weight=0)
+    assert not r.plan(frozenset({M1, M2}), Observation([up(M1), unweighted]), 1.0, missing=frozenset({M2})).actions
+    # DNS lists it again: balanced again.
+    p = r.plan(frozenset({M1, M2}), Observation([up(M1), unweighted]), 2.0)
+    assert commands(p) == [f"set server {BE}/{M2.server_name} weight 1"]
+    assert kinds(p) == {M2.server_name: ActionKind.REBALANCE}
+
+
+def test_when_every_member_is_missing_none_leaves_balancing(r: Reconciler) -> None:
+    # A service scaled to 0 or an answer listing none: something must stay to balance to.
+    p = r.plan(frozenset({M1, M2}), Observation([up(M1), up(M2)]), 0.0, missing=frozenset({M1, M2}))
+    assert not p.actions
+    # ...and one that is missing while the other is not yet written still leaves.
+    p = r.plan(frozenset({M1, M2}), Observation([up(M1)]), 0.0, missing=frozenset({M1}))
+    assert kinds(p) == {M1.server_name: ActionKind.UNBALANCE, M2.server_name: ActionKind.ADD}
+
+
 # --------------------------------------------------------------------------- server names
 
 

@@ -115,20 +115,23 @@ class HAProxyWriter:
                 return None
             return self.reconciler.held(servers)
 
-    async def step(self, desired: frozenset[Member], now: float) -> StepReport:
-        """Observe, plan and act once. Never raises for socket trouble or refused commands."""
+    async def step(self, desired: frozenset[Member], now: float,
+                   missing: frozenset[Member] = frozenset()) -> StepReport:
+        """Observe, plan and act once. Never raises for socket trouble or refused commands.
+        `missing`: desired members DNS no longer lists (kept for the grace; see `Reconciler.plan`)."""
         async with self._lock:
             log = _StepLog()
             try:
                 async with self.api.session() as session:
-                    return await self._step(session, desired, now, log)
+                    return await self._step(session, desired, now, log, missing)
             except RuntimeAPIUnavailable as e:
                 # HAProxy is restarting or gone. Keep the last health view (restricted to members still
                 # wanted): a server name HAProxy does not know makes `use-server` fall back, no harm.
                 self._up = self._up & desired
                 return log.report(reachable=False, up=self._up, error=f"socket unavailable: {e.reason}")
 
-    async def _step(self, s: RuntimeSession, desired: frozenset[Member], now: float, log: _StepLog) -> StepReport:
+    async def _step(self, s: RuntimeSession, desired: frozenset[Member], now: float, log: _StepLog,
+                    missing: frozenset[Member]) -> StepReport:
         backend = self.reconciler.backend
         try:
             pid = info_pid(await s.info())
@@ -148,7 +151,7 @@ class HAProxyWriter:
                 cookies = False
                 log.errors.append(f"cookie map left alone: {e}")
 
-        plan = self.reconciler.plan(desired, Observation(servers, sessions, pid), now)
+        plan = self.reconciler.plan(desired, Observation(servers, sessions, pid), now, missing)
         log.plan = plan
         if plan.reloaded:
             log.events.append(f"HAProxy reloaded or restarted (new pid {pid})")
