@@ -26,7 +26,7 @@ from typing import Any, TextIO
 from prometheus_client.parser import text_string_to_metric_families
 
 from spoa.config import DEFAULT_RUN_DIR
-from spoa.local.haproxy import admin_command as haproxy_admin_command
+from spoa.haproxy.process import admin_command as haproxy_admin_command
 from spoa.member import Member
 
 PREFIX = "haproxy_swarm_"

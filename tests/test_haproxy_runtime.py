@@ -34,11 +34,11 @@ from spoa.haproxy.answers import (
     verb_of,
 )
 from spoa.haproxy.errors import MalformedAnswer, RuntimeAPIError, RuntimeAPIUnavailable
+from spoa.haproxy.process import HAProxyProcess
 from spoa.haproxy.reconcile import ActionKind, CheckSettings, Reconciler
 from spoa.haproxy.runtime import CommandCounts, RuntimeAPI, validate_command
 from spoa.haproxy.writer import HAProxyWriter, StepReport
 from spoa.local.backends import Backend
-from spoa.local.haproxy import HAProxyProcess
 from spoa.local.ports import free_port
 from spoa.member import Member
 

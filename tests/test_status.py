@@ -32,10 +32,9 @@ from test_metrics import AgentView, make_agent
 from spoa import status
 from spoa.config import HostPort
 from spoa.discovery import Outcome
+from spoa.haproxy.process import haproxy_binary, stop_process
 from spoa.haproxy.writer import StepReport
-from spoa.local.haproxy import haproxy_binary
 from spoa.local.ports import free_port
-from spoa.local.process import stop_process
 from spoa.member import Member
 from spoa.metrics import Metrics, MetricsServer
 
