@@ -70,6 +70,7 @@ class ServiceStatus:
     counts: dict[str, int] = field(default_factory=dict)  # known / up / missing, from the agent
     dns_last_success: float | None = None
     dns_queries: dict[str, int] = field(default_factory=dict)
+    dns_failing_families: list[str] = field(default_factory=list)  # "A"/"AAAA" failing while the other answers
     decisions: dict[str, int] = field(default_factory=dict)
     cookies_issued: int = 0
     cookies_rerouted: int = 0
@@ -163,6 +164,8 @@ def services_from_metrics(samples: dict[str, list[tuple[dict[str, str], float]]]
                                             share, "?"))
         svc.dns_last_success = next((v or None for _, v in of("dns_last_success_timestamp_seconds", name)), None)
         svc.dns_queries = {labels["outcome"]: int(v) for labels, v in of("dns_queries_total", name)}
+        svc.dns_failing_families = sorted(labels.get("family", "") for labels, v in of("dns_family_failing", name)
+                                          if v)
         svc.decisions = {labels["source"]: int(v) for labels, v in of("decisions_total", name)}
         svc.cookies_issued = int(sum(v for _, v in of("sticky_cookies_issued_total", name)))
         svc.cookies_rerouted = int(sum(v for _, v in of("cookies_rerouted_total", name)))
@@ -326,6 +329,10 @@ def render(status: Status) -> str:
         if svc.dns_queries or svc.dns_last_success:
             outcomes = ", ".join(f"{k} {v}" for k, v in svc.dns_queries.items())
             lines.append(f"  DNS: last good answer {_ago(now, svc.dns_last_success)}; lookups: {outcomes}")
+        for family in svc.dns_failing_families:
+            kind = {"A": "IPv4", "AAAA": "IPv6"}.get(family, family)
+            lines.append(f"  DNS: {family} lookups fail while the other family answers: the {kind} members "
+                         "are kept as they were (see the agent's log)")
         if svc.decisions:
             decided = ", ".join(f"{k} {v}" for k, v in svc.decisions.items() if v)
             lines.append(f"  decisions: {decided or 'none yet'}; sticky cookies issued {svc.cookies_issued}, "
