@@ -308,6 +308,13 @@ class Metrics(AgentObserver):
         for member in sorted(discovery.members | router.up):
             share.add_metric([self.service, str(member)], shares.get(member, 0.0))
         yield share
+        missing = GaugeMetricFamily(PREFIX + "member_missing_seconds", "Members kept only by the DNS grace "
+                                    "(MEMBER_GRACE): seconds since DNS last listed them. A member absent here "
+                                    "is listed by DNS.", labels=["service", "member"])
+        now = time.monotonic()  # the clock the control loop gives discovery (the event loop's)
+        for member, since in sorted(discovery.membership.missing.items()):
+            missing.add_metric([self.service, str(member)], max(0.0, now - since))
+        yield missing
         last_change = GaugeMetricFamily(PREFIX + "members_last_change_timestamp_seconds",
                                         "Unix time of the last change of members (0: none yet).", labels=["service"])
         last_change.add_metric(s, self.members_last_change)
