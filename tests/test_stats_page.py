@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import shutil
 import tempfile
 import urllib.request
 from collections.abc import Iterator
@@ -82,6 +83,7 @@ def haproxy_alone() -> Iterator[tuple[HAProxyProcess, list[Backend], int]]:
         finally:
             for task in tasks:
                 task.stop()
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_the_fallback_serves_only_while_be_app_has_no_usable_server(
