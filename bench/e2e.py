@@ -44,10 +44,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from spoa.haproxy.process import admin_command, haproxy_binary, show_info, stop_process
 from spoa.local.dnsmasq import Dnsmasq
-from spoa.local.haproxy import admin_command, haproxy_binary, show_info
 from spoa.local.ports import free_port
-from spoa.local.process import stop_process
 from spoa.local.stack import Stack
 
 COOKIE = "SWARMID"

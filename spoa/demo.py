@@ -64,11 +64,16 @@ class Demo:
     def script(self) -> None:
         out = self.out
         pid = self.stack.haproxy_info()["Pid"]
+        # Each user has its own source address, as distinct clients on the internet do (and as the 60
+        # below): with 3 tasks and 4 users, two of them share a task whatever the addresses are.
         named = [User(name, f"127.1.1.{i + 1}") for i, name in enumerate(("alice", "bob", "carol", "dave"))]
         out("\n1. Four users, three requests each: each stays on one task (the agent sets a cookie)")
+        out("   A first visit goes where the hash of the user's source address points (STICKY_KEY="
+            "cookie:SWARMID,src); the SWARMID cookie then names that task, so users on one task share it.")
         for user in named:
             seen = [self.visit(user) for _ in range(3)]
-            out(f"   {user.name:6} → {', '.join(seen)}   (SWARMID={user.cookies.get('SWARMID')})")
+            out(f"   {user.name:6} from {user.source_ip:10} → {', '.join(seen)}   "
+                f"(SWARMID={user.cookies.get('SWARMID')})")
         crowd = users(60, "user")
         first = {u.name: self.visit(u) for u in crowd}
         out(f"   60 more users spread over the tasks: {dict(sorted(Counter(first.values()).items()))}")

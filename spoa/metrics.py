@@ -50,7 +50,7 @@ DECISION_BUCKETS = (5e-6, 10e-6, 20e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 5e-
 DNS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 REBUILD_BUCKETS = (0.0001, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5)
 COMMAND_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 2.0)
-DNS_OUTCOMES = ("ok", "nxdomain", "failure", "timeout", "truncated-then-tcp")
+DNS_OUTCOMES = ("ok", "partial", "nxdomain", "failure", "timeout", "truncated-then-tcp")
 #: How many member changes `haproxy_swarm_member_change_timestamp_seconds` keeps (bounded series).
 RECENT_CHANGES = 16
 
@@ -188,7 +188,7 @@ class Metrics(AgentObserver):
         if truncated:
             self.dns_queries["truncated-then-tcp"] += 1
         self.dns_latency.observe(seconds)
-        if str(outcome) == "ok":
+        if str(outcome) in ("ok", "partial"):  # partial: one address family answered
             self.dns_last_success = time.time()
 
     def members_changed(self, members: frozenset[Any]) -> None:
@@ -308,6 +308,13 @@ class Metrics(AgentObserver):
         for member in sorted(discovery.members | router.up):
             share.add_metric([self.service, str(member)], shares.get(member, 0.0))
         yield share
+        missing = GaugeMetricFamily(PREFIX + "member_missing_seconds", "Members kept only by the DNS grace "
+                                    "(MEMBER_GRACE): seconds since DNS last listed them. A member absent here "
+                                    "is listed by DNS.", labels=["service", "member"])
+        now = time.monotonic()  # the clock the control loop gives discovery (the event loop's)
+        for member, since in sorted(discovery.membership.missing.items()):
+            missing.add_metric([self.service, str(member)], max(0.0, now - since))
+        yield missing
         last_change = GaugeMetricFamily(PREFIX + "members_last_change_timestamp_seconds",
                                         "Unix time of the last change of members (0: none yet).", labels=["service"])
         last_change.add_metric(s, self.members_last_change)
@@ -335,6 +342,12 @@ class Metrics(AgentObserver):
                                  "Unix time of the last successful DNS lookup (0: none yet).", labels=["service"])
         last.add_metric(s, self.dns_last_success)
         yield last
+        failing = GaugeMetricFamily(PREFIX + "dns_family_failing", "1 when this address family's question "
+                                    "failed at the last lookup while the other family answered (its members "
+                                    "are kept as they were).", labels=["service", "family"])
+        for family in ("A", "AAAA"):
+            failing.add_metric([self.service, family], 1.0 if family in discovery.failing_families else 0.0)
+        yield failing
 
         # ---- SPOP
         conns = GaugeMetricFamily(PREFIX + "spop_connections", "Open SPOP connections from HAProxy.")

@@ -1,8 +1,9 @@
 """`haproxy-swarm status`: what a running instance routes to, read from its two public faces.
 
 Owns: reading the agent's /metrics and /readyz and HAProxy's admin socket (`show stat` of the
-service's backend), joining them per member (HAProxy health, the agent's view, share of the ring,
-sessions), and printing that as a table per service or as JSON. Must not: change anything (it only
+service's backend), joining them per member (HAProxy health, the agent's view, the share of new
+sessions each member takes now, whether DNS still lists it, sessions), and printing that as a table
+per service or as JSON. Must not: change anything (it only
 reads), or depend on the agent's internals: whatever it shows, an operator's Prometheus sees too.
 
 Exit status: 0 when both the metrics endpoint and the socket answered, 1 otherwise (what could be
@@ -26,7 +27,7 @@ from typing import Any, TextIO
 from prometheus_client.parser import text_string_to_metric_families
 
 from spoa.config import DEFAULT_RUN_DIR
-from spoa.local.haproxy import admin_command as haproxy_admin_command
+from spoa.haproxy.process import admin_command as haproxy_admin_command
 from spoa.member import Member
 
 PREFIX = "haproxy_swarm_"
@@ -47,8 +48,13 @@ class MemberStatus:
     member: str  # ip:port, as the agent names it ("" when only HAProxy knows the server)
     server: str  # the HAProxy server name
     agent: str  # "ring" (UP, on the ring), "known" (a member, not on the ring), "-" (not a member)
-    ring_share: float | None  # 0..1, None when the agent could not be read
+    ring_share: float | None  # 0..1 as the agent last saw it, None when the agent could not be read
     haproxy: str  # HAProxy's status text (UP, DOWN, MAINT, DRAIN, ...), "absent", or "?" when unread
+    #: 0..1: the part of new sessions it takes now: its ring share over the members HAProxy has UP
+    #: (a member that is not UP takes none; its keys go to the others, as the fallback ring sends them)
+    share: float | None = None
+    #: seconds since DNS last listed it, for a member kept only by the DNS grace (None: listed)
+    dns_missing_seconds: float | None = None
     check: str = ""  # last health check result (L4OK, L7OK, L4CON, ...)
     sessions: int | None = None  # current sessions on the server
     total_sessions: int | None = None
@@ -70,6 +76,7 @@ class ServiceStatus:
     counts: dict[str, int] = field(default_factory=dict)  # known / up / missing, from the agent
     dns_last_success: float | None = None
     dns_queries: dict[str, int] = field(default_factory=dict)
+    dns_failing_families: list[str] = field(default_factory=list)  # "A"/"AAAA" failing while the other answers
     decisions: dict[str, int] = field(default_factory=dict)
     cookies_issued: int = 0
     cookies_rerouted: int = 0
@@ -157,12 +164,15 @@ def services_from_metrics(samples: dict[str, list[tuple[dict[str, str], float]]]
         for labels, _ in of("service_info", name):
             svc.backend = labels.get("backend", DEFAULT_BACKEND)
         svc.counts = {labels["state"]: int(v) for labels, v in of("members", name) if "state" in labels}
+        missing = {labels.get("member", ""): v for labels, v in of("member_missing_seconds", name)}
         for labels, share in of("member_ring_share", name):
             member = labels.get("member", "")
             svc.members.append(MemberStatus(member, server_name(member), "ring" if share > 0 else "known",
-                                            share, "?"))
+                                            share, "?", dns_missing_seconds=missing.get(member)))
         svc.dns_last_success = next((v or None for _, v in of("dns_last_success_timestamp_seconds", name)), None)
         svc.dns_queries = {labels["outcome"]: int(v) for labels, v in of("dns_queries_total", name)}
+        svc.dns_failing_families = sorted(labels.get("family", "") for labels, v in of("dns_family_failing", name)
+                                          if v)
         svc.decisions = {labels["source"]: int(v) for labels, v in of("decisions_total", name)}
         svc.cookies_issued = int(sum(v for _, v in of("sticky_cookies_issued_total", name)))
         svc.cookies_rerouted = int(sum(v for _, v in of("cookies_rerouted_total", name)))
@@ -217,6 +227,31 @@ def apply_haproxy(svc: ServiceStatus, rows: list[dict[str, str]]) -> None:
     for member in svc.members:
         if member.server not in seen:
             member.haproxy = "absent"
+    effective_shares(svc)
+
+
+def serving(member: MemberStatus) -> bool:
+    """HAProxy sends it traffic now: UP (also `UP 1/2`, going down but not yet) not DRAIN or MAINT."""
+    return member.haproxy.startswith("UP")
+
+
+def effective_shares(svc: ServiceStatus) -> None:
+    """Each member's share of new sessions now, from the agent's ring and HAProxy's health.
+
+    Right after a scale-down the agent's ring may still hold a member HAProxy already has DOWN: the
+    ring shares of the members HAProxy has UP are scaled to 100 % (a DOWN member's keys go to the
+    others). When none of them is on the ring yet, HAProxy balances over its UP servers itself."""
+    if any(m.ring_share is None for m in svc.members):  # the agent could not be read
+        return
+    up = [m for m in svc.members if serving(m)]
+    on_ring = sum(m.ring_share or 0.0 for m in up)
+    for m in svc.members:
+        if not serving(m):
+            m.share = 0.0 if m.haproxy != "?" else None
+        elif on_ring > 0:
+            m.share = (m.ring_share or 0.0) / on_ring
+        else:
+            m.share = 1.0 / len(up)
 
 
 def _int(text: str | None) -> int | None:
@@ -293,6 +328,16 @@ def _member_sort_key(m: MemberStatus) -> tuple[int, str, str]:
         return 1, m.member, m.server
 
 
+def _dns_cell(m: MemberStatus, service: str) -> str:
+    if service == UNKNOWN:
+        return "?"
+    if m.agent == "-":
+        return "-"
+    if m.dns_missing_seconds is not None:
+        return f"grace ({m.dns_missing_seconds:.0f} s gone)"
+    return "listed"
+
+
 def render(status: Status) -> str:
     now = status.time
     lines = []
@@ -306,15 +351,24 @@ def render(status: Status) -> str:
         lines.append("")
         name = "(unknown: the agent did not answer)" if svc.service == UNKNOWN else svc.service
         lines.append(f"service {name} -> backend {svc.backend}")
-        header = ["MEMBER", "SERVER", "AGENT", "HAPROXY", "CHECK", "RING", "SESSIONS", "TOTAL"]
+        header = ["MEMBER", "SERVER", "AGENT", "HAPROXY", "CHECK", "SHARE", "DNS", "SESSIONS", "TOTAL"]
         rows = [header]
         for m in sorted(svc.members, key=_member_sort_key):
+            share = m.share if m.share is not None else m.ring_share
             rows.append([m.member or "-", m.server, m.agent, m.haproxy, m.check or "-",
-                         "?" if m.ring_share is None else f"{100 * m.ring_share:.1f}%",
+                         "?" if share is None else f"{100 * share:.1f}%",
+                         _dns_cell(m, svc.service),
                          "-" if m.sessions is None else str(m.sessions),
                          "-" if m.total_sessions is None else str(m.total_sessions)])
         if len(rows) > 1:
             lines.extend(_table(rows))
+            lines.append("  SHARE: the part of new sessions each member takes now (HAProxy's health; a member "
+                         "that is not UP takes none, the others take its keys)")
+            if any(m.dns_missing_seconds is not None for m in svc.members):
+                lines.append("  DNS grace: not listed by DNS any more, kept for MEMBER_GRACE in case DNS "
+                             "answered short; removed when the grace ends")
+            if svc.members and not any(serving(m) for m in svc.members) and svc.service != UNKNOWN:
+                lines.append("  no member UP: HAProxy's own DNS fallback servers take every request")
         else:
             lines.append("  (no members)")
         if svc.counts:
@@ -326,6 +380,10 @@ def render(status: Status) -> str:
         if svc.dns_queries or svc.dns_last_success:
             outcomes = ", ".join(f"{k} {v}" for k, v in svc.dns_queries.items())
             lines.append(f"  DNS: last good answer {_ago(now, svc.dns_last_success)}; lookups: {outcomes}")
+        for family in svc.dns_failing_families:
+            kind = {"A": "IPv4", "AAAA": "IPv6"}.get(family, family)
+            lines.append(f"  DNS: {family} lookups fail while the other family answers: the {kind} members "
+                         "are kept as they were (see the agent's log)")
         if svc.decisions:
             decided = ", ".join(f"{k} {v}" for k, v in svc.decisions.items() if v)
             lines.append(f"  decisions: {decided or 'none yet'}; sticky cookies issued {svc.cookies_issued}, "

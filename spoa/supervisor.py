@@ -19,7 +19,7 @@ import time
 from types import FrameType
 
 from spoa.config import HostPort, Settings, settings_env
-from spoa.local.haproxy import HAProxyError, HAProxyProcess, shipped_config, show_info
+from spoa.haproxy.process import HAProxyError, HAProxyProcess, shipped_config, show_info
 
 log = logging.getLogger("spoa.supervisor")
 

@@ -58,6 +58,9 @@ class DNSResponder:
     extra_answer: list[dns.rrset.RRset] = field(default_factory=list)  # stray rrsets added to answers
     #: questions answered SERVFAIL: "name." (any type) or "name./TYPE" (absolute, lower case)
     servfail: set[str] = field(default_factory=set)
+    #: one question's mode, overriding `mode`: "name./TYPE" (absolute, lower case) → mode, e.g.
+    #: {"tasks.backend./AAAA": "refused"} for a forwarder that refuses AAAA and answers A
+    question_mode: dict[str, Mode] = field(default_factory=dict)
     seen: list[Seen] = field(default_factory=list)
     port: int = 0
 
@@ -176,6 +179,7 @@ class DNSResponder:
         mode = self.mode if transport == "udp" or self.tcp_mode is None else self.tcp_mode
         if {self.seen[-1].name, f"{self.seen[-1].name}/{self.seen[-1].rdtype}"} & self.servfail:
             mode = "servfail"
+        mode = self.question_mode.get(f"{self.seen[-1].name}/{self.seen[-1].rdtype}", mode)
         if mode == "garbage":
             return wire[:2] + b"\x81\x80" + b"\xff" * 20  # our id, a response, and then nonsense
         response = self.respond(query, mode)

@@ -33,7 +33,7 @@ from spoa.agent import (
     uses_uvloop,
 )
 from spoa.config import HostPort
-from spoa.local.haproxy import haproxy_binary
+from spoa.haproxy.process import haproxy_binary
 from spoa.protocol import (
     Frame,
     FrameType,

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import pytest
 from polling import wait_for
 
-from spoa.local.haproxy import process_alive
+from spoa.haproxy.process import process_alive
 from spoa.local.load import Load, Record
 from spoa.local.stack import Stack
 

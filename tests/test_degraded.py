@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import pytest
 from polling import wait_for
 
-from spoa.local.haproxy import process_alive
+from spoa.haproxy.process import process_alive
 from spoa.local.load import Load, Record, Summary
 from spoa.local.ports import free_port
 from spoa.local.stack import Stack

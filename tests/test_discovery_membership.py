@@ -97,6 +97,22 @@ def test_failures_keep_members_and_do_not_reset_pending_removals() -> None:
     assert m2.answer([A], now=21).removed == {B}  # the next answer that still lacks B does
 
 
+def test_a_partial_answer_speaks_only_for_the_family_that_answered() -> None:
+    """Issue 13: AAAA refused, A answered: IPv6 members stay as on a failure, IPv4 follow the answer."""
+    v6a, v6b = Member.parse("fd00::1", 80), Member.parse("fd00::2", 80)
+    m = Membership(GRACE)
+    m.answer([A, B, v6a, v6b], now=0)
+    m.answer([A, B, v6a], now=1)  # v6b missing since 1
+    change = m.answer([A, C], now=2, unanswered_ipv6=True)  # AAAA failed; B left, C came
+    assert change.added == {C} and not change.removed
+    assert set(m.missing) == {B, v6b} and m.missing[v6b] == 1  # no clock for v6a; v6b's keeps running
+    assert m.answer([A, C], now=30, unanswered_ipv6=True).removed == {B}  # past the grace: only B goes
+    assert m.members == {A, C, v6a, v6b}
+    assert m.answer([A, C, v6a], now=31).removed == {v6b}  # AAAA answers again: v6b's grace is over
+    change = m.answer([v6a], now=32, unanswered_ipv4=True)  # the other way round
+    assert not change and set(m.missing) == set()
+
+
 def test_nxdomain_is_a_failure_until_the_grace_ends() -> None:
     m = Membership(GRACE)
     m.answer([A, B], now=0)

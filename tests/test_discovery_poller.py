@@ -192,3 +192,77 @@ async def test_an_unexpected_error_is_a_failure_not_a_crash(server: DNSResponder
     assert not await d.refresh(1)
     assert d.last_outcome is Outcome.FAILURE and d.members == members("10.0.0.1")
     assert "KeyError" in caplog.text
+
+
+class _MetricsAgent:
+    """What `Metrics` reads (`spoa.app.Agent` is one), around a real Discovery."""
+
+    def __init__(self, d: Discovery) -> None:
+        from spoa.routing import Router
+
+        self.settings = Settings(service=SERVICE)
+        self.router = Router(self.settings)
+        self.discovery = d
+
+    def ready(self) -> tuple[bool, str]:
+        return bool(self.discovery.members), ""
+
+
+@pytest.mark.parametrize(("bad", "mode"), [("AAAA", "refused"), ("A", "refused"), ("AAAA", "servfail"),
+                                           ("AAAA", "drop")])
+async def test_one_family_refused_keeps_its_members_and_uses_the_other(
+        server: DNSResponder, caplog: pytest.LogCaptureFixture, bad: str, mode: str) -> None:
+    """Issue 13: one family answering is an answer; the other family's last members are kept (no
+    grace clock starts for them); one log line, with back-off; metrics and `status` say which."""
+    from prometheus_client import generate_latest
+
+    from spoa.metrics import Metrics
+    from spoa.status import Status, parse_metrics, render, services_from_metrics
+
+    caplog.set_level(logging.INFO, logger="spoa.discovery")
+    server.set("tasks.backend", "AAAA", ["fd00::1", "fd00::2"])
+    d = discovery(server, grace=10, outage_log=OutageLog(first_repeat=30, max_interval=120))
+    metrics = Metrics(_MetricsAgent(d))  # type: ignore[arg-type]
+    d.observer = metrics
+    assert (await d.refresh(0)).added == members("10.0.0.1", "10.0.0.2", "fd00::1", "fd00::2")
+
+    good, bad_v6 = ("A", True) if bad == "AAAA" else ("AAAA", False)
+    kept = members("fd00::1", "fd00::2") if bad_v6 else members("10.0.0.1", "10.0.0.2")
+    server.question_mode = {f"tasks.backend./{bad}": mode}  # type: ignore[dict-item]
+    # The family that answers changes: one of its members leaves, one joins.
+    if good == "A":
+        server.set("tasks.backend", "A", ["10.0.0.2", "10.0.0.3"])
+        joined, left, answered = members("10.0.0.3"), members("10.0.0.1"), members("10.0.0.2", "10.0.0.3")
+    else:
+        server.set("tasks.backend", "AAAA", ["fd00::2", "fd00::3"])
+        joined, left, answered = members("fd00::3"), members("fd00::1"), members("fd00::2", "fd00::3")
+    change = await d.refresh(2)
+    assert change.added == joined and not change.removed
+    assert d.last_outcome is Outcome.PARTIAL and list(d.failing_families) == [bad]
+    assert kept <= d.members and set(d.membership.missing) == set(left)  # no grace clock for `kept`
+    for t in range(4, 40, 2):
+        await d.refresh(t)
+    # The answering family's leaver is gone after its grace; the failing family's members all stay.
+    assert d.members == kept | answered
+    assert not d.membership.missing
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings  # at 2, then once after 30 s: not 19 lines
+    assert f"{bad} lookup failed" in warnings[0] and "keeping the 2 " in warnings[0]
+    assert f"{bad} still failing after 30 s" in warnings[1]
+    assert "lookup failed:" not in caplog.text  # never reported as a failed lookup
+
+    samples = parse_metrics(generate_latest(metrics.registry()).decode())
+    outcomes = {labels["outcome"]: v for labels, v in samples["haproxy_swarm_dns_queries_total"]}
+    assert outcomes["ok"] == 1 and outcomes["partial"] == 19 and outcomes["failure"] == outcomes["timeout"] == 0
+    failing = {labels["family"]: v for labels, v in samples["haproxy_swarm_dns_family_failing"]}
+    assert failing == {bad: 1.0, good: 0.0}
+    assert samples["haproxy_swarm_dns_last_success_timestamp_seconds"][0][1] > 0
+    svc = services_from_metrics(samples)[0]
+    assert svc.dns_failing_families == [bad]
+    text = render(Status("http://127.0.0.1:9101", "/nonexistent", services=[svc], time=0))
+    assert f"DNS: {bad} lookups fail while the other family answers" in text
+
+    server.question_mode = {}
+    await d.refresh(40)
+    assert d.failing_families == {} and "every address family answers again after 38 s" in caplog.text

@@ -52,11 +52,28 @@ async def test_a_records_become_members_on_the_service_port(server: DNSResponder
         ("tasks.backend.", "A", "udp"), ("tasks.backend.", "AAAA", "udp")}
 
 
-async def test_one_family_failing_fails_the_lookup(server: DNSResponder) -> None:
+@pytest.mark.parametrize("mode", ["refused", "servfail", "drop"])
+@pytest.mark.parametrize(("bad", "good", "good_ip"), [("AAAA", "A", "10.0.0.1"), ("A", "AAAA", "fd00::1")])
+async def test_one_family_failing_is_a_partial_answer(server: DNSResponder, mode: str, bad: str, good: str,
+                                                      good_ip: str) -> None:
+    """Issue 13: a server that answers A but refuses AAAA (or the other way round) still answers."""
     server.set("tasks.backend", "A", ["10.0.0.1"])
     server.set("tasks.backend", "AAAA", ["fd00::1"])
-    server.servfail = {"tasks.backend./AAAA"}
-    with pytest.raises(QueryFailed, match="AAAA"):
+    server.question_mode = {f"tasks.backend./{bad}": mode}  # type: ignore[dict-item]
+    answer = await resolver(server, timeout=0.3).resolve()
+    assert answer.members == members(good_ip)
+    assert answer.outcome is Outcome.PARTIAL
+    assert [family for family, _ in answer.failed] == [bad]
+    assert (answer.unanswered_ipv4, answer.unanswered_ipv6) == (bad == "A", bad == "AAAA")
+    why = answer.failed[0][1]
+    assert f"tasks.backend. {bad}" in why
+    assert ("no answer" in why) if mode == "drop" else (mode.upper() in why)
+
+
+async def test_both_families_failing_fails_the_lookup(server: DNSResponder) -> None:
+    server.set("tasks.backend", "A", ["10.0.0.1"])
+    server.question_mode = {"tasks.backend./AAAA": "refused", "tasks.backend./A": "servfail"}
+    with pytest.raises(QueryFailed, match=r"SERVFAIL|REFUSED"):
         await resolver(server).resolve()
 
 
@@ -165,9 +182,13 @@ async def test_tcp_silent_after_truncation_is_a_timeout_marked_truncated(server:
     server.set("tasks.backend", "A", [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(500)])
     server.tcp_mode = "drop"
     with pytest.raises(QueryTimeout) as info:
-        await resolver(server, timeout=0.3).resolve()
+        await resolver(server, timeout=0.3, rdtypes=(dns.rdatatype.A,)).resolve()
     assert info.value.truncated
     assert "TCP" in str(info.value)
+    # Asked with AAAA (which answers, empty): a partial answer that keeps the IPv4 members.
+    answer = await resolver(server, timeout=0.3).resolve()
+    assert answer.truncated and answer.unanswered_ipv4 and not answer.members
+    assert "TCP" in answer.failed[0][1]
 
 
 async def test_formerr_to_edns_retries_without_it(server: DNSResponder) -> None:
@@ -247,7 +268,7 @@ async def test_srv_nxdomain(server: DNSResponder) -> None:
 
 
 async def test_srv_target_that_fails_fails_the_lookup(server: DNSResponder) -> None:
-    """Half an answer would remove members: a target that cannot be resolved fails it all."""
+    """Half an answer would remove members: a target that cannot be resolved at all fails it all."""
     server.srv_additional = False
     server.set("_http._tcp.backend", "SRV", ["0 0 8080 t1.backend.", "0 0 8080 t2.backend."])
     server.set("t1.backend", "A", ["10.0.0.1"])
@@ -256,6 +277,17 @@ async def test_srv_target_that_fails_fails_the_lookup(server: DNSResponder) -> N
     server.servfail = {"t2.backend."}
     with pytest.raises(QueryFailed, match=r"t2\.backend"):
         await resolver(server, SRV_SERVICE).resolve()
+
+
+async def test_srv_targets_whose_aaaa_is_refused_are_a_partial_answer(server: DNSResponder) -> None:
+    server.srv_additional = False
+    server.set("_http._tcp.backend", "SRV", ["0 0 8080 t1.backend.", "0 0 8080 t2.backend."])
+    server.set("t1.backend", "A", ["10.0.0.1"])
+    server.set("t2.backend", "A", ["10.0.0.2"])
+    server.question_mode = {"t2.backend./AAAA": "refused"}
+    answer = await resolver(server, SRV_SERVICE).resolve()
+    assert answer.members == members("10.0.0.1", "10.0.0.2", port=8080)
+    assert [family for family, _ in answer.failed] == ["AAAA"] and answer.outcome is Outcome.PARTIAL
 
 
 async def test_large_srv_answer_over_tcp(server: DNSResponder) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from spoa.local.haproxy import haproxy_version
+from spoa.haproxy.process import haproxy_version
 from spoa.local.stack import Stack
 from spoa.member import Member
 from spoa.routing import cookie_value

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 import pytest
 from polling import wait_for
 
+from spoa.haproxy.process import show_info
 from spoa.local.client import User
-from spoa.local.haproxy import show_info
 from spoa.local.ports import free_port
 from spoa.local.stack import Stack, child_pids
 

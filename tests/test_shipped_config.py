@@ -7,7 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from spoa.local.haproxy import haproxy_binary
+from spoa.haproxy.process import haproxy_binary
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -32,10 +32,9 @@ from test_metrics import AgentView, make_agent
 from spoa import status
 from spoa.config import HostPort
 from spoa.discovery import Outcome
+from spoa.haproxy.process import haproxy_binary, stop_process
 from spoa.haproxy.writer import StepReport
-from spoa.local.haproxy import haproxy_binary
 from spoa.local.ports import free_port
-from spoa.local.process import stop_process
 from spoa.member import Member
 from spoa.metrics import Metrics, MetricsServer
 
@@ -197,17 +196,56 @@ async def test_table_lists_members_health_and_shares(haproxy: HAProxy,
     assert "ready (2 of 3 members up)" in out
     lines = out.splitlines()
     header = next(line for line in lines if "MEMBER" in line)
-    assert header.split() == ["MEMBER", "SERVER", "AGENT", "HAPROXY", "CHECK", "RING", "SESSIONS", "TOTAL"]
+    assert header.split() == ["MEMBER", "SERVER", "AGENT", "HAPROXY", "CHECK", "SHARE", "DNS", "SESSIONS",
+                              "TOTAL"]
     for m in haproxy.up:
         [row] = [line for line in lines if line.strip().startswith(str(m) + " ")]
         cells = row.split()
         assert cells[:5] == [str(m), m.server_name, "ring", "UP", "L4OK"]
         assert cells[5].endswith("%") and 20 < float(cells[5][:-1]) < 80
     [row] = [line for line in lines if line.strip().startswith(str(haproxy.down) + " ")]
-    assert row.split()[2:6] == ["known", "DOWN", "L4CON", "0.0%"]
+    assert row.split()[2:7] == ["known", "DOWN", "L4CON", "0.0%", "listed"]
     assert not any(line.strip().startswith("dns") for line in lines)
     assert "members: 3 known, 2 on the ring, 0 pending a first check, 1 down, 1 draining, 0 missing from DNS" in out
     assert "DNS: last good answer" in out and "changes: 3 added, 0 removed" in out
+
+
+async def test_after_a_scale_down_shares_are_what_members_serve_now_and_grace_is_marked(
+        haproxy: HAProxy) -> None:
+    """Issue 13, item 2: right after a scale-down the agent's ring still holds a member that DNS no
+    longer lists and HAProxy already has DOWN. `status` shows it taking 0 % and kept only by the DNS
+    grace, and the members that serve everything at 100 % together (not their old ring shares)."""
+    view = make_agent()
+    metrics = Metrics(view)
+    now = time.monotonic()
+    view.discovery.membership.answer([*haproxy.up, haproxy.down], now - 10)
+    view.discovery.membership.answer(haproxy.up, now - 3)  # the scale-down: DNS no longer lists it
+    view.router.update(view.discovery.members, [*haproxy.up, haproxy.down])  # the agent's health lags
+    server = MetricsServer(HostPort("127.0.0.1", 0), metrics, ready=view.ready)
+    await server.start()
+    try:
+        code, out, err = await run_status(f"http://127.0.0.1:{server.port}", haproxy.socket, as_json=False)
+        _, doc, _ = await run_status(f"http://127.0.0.1:{server.port}", haproxy.socket, as_json=True)
+    finally:
+        await server.close()
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    [down] = [line.split() for line in lines if line.strip().startswith(str(haproxy.down) + " ")]
+    assert down[2:6] == ["ring", "DOWN", "L4CON", "0.0%"]  # on the agent's ring, serving nothing
+    assert down[6] == "grace" and 2 <= float(down[7].lstrip("(")) < 10
+    shares = []
+    for m in haproxy.up:
+        [row] = [line.split() for line in lines if line.strip().startswith(str(m) + " ")]
+        assert row[2:5] == ["ring", "UP", "L4OK"] and row[6] == "listed"
+        shares.append(float(row[5].rstrip("%")))
+    assert sum(shares) == pytest.approx(100.0, abs=0.2)
+    assert "DNS grace: not listed by DNS any more" in out
+    [svc] = json.loads(doc)["services"]
+    rows = {m["server"]: m for m in svc["members"]}
+    assert rows[haproxy.down.server_name]["ring_share"] > 0.2  # the old ring share is still in the JSON...
+    assert rows[haproxy.down.server_name]["share"] == 0.0  # ...and what it serves now beside it
+    assert 2 <= rows[haproxy.down.server_name]["dns_missing_seconds"] < 10
+    assert sum(rows[m.server_name]["share"] for m in haproxy.up) == pytest.approx(1.0)
 
 
 async def test_unreachable_metrics_endpoint_says_so_and_still_shows_haproxy(haproxy: HAProxy) -> None:

@@ -10,6 +10,9 @@ Owns: the current member set, when each absent member was first found missing, a
   counted from the first answer that lacked it; failed lookups in between do not reset that clock;
 - NXDOMAIN and an empty answer are answers that lack every member: like a failure until the grace
   ends, then the members go;
+- a partial answer (one address family answered, the other failed) speaks only for the family that
+  answered: the other family's members are kept as on a failed lookup (not removed, no grace clock
+  started, a clock already running keeps running);
 - members are a set: the order of records never matters;
 - before the first answer, members known from elsewhere (the servers a previous agent wrote into
   HAProxy) can be adopted: they are then members like those of an answer, so a DNS outage at start
@@ -87,8 +90,12 @@ class Membership:
             return None
         return min(self._missing_since.values()) + self.grace
 
-    def answer(self, members: Iterable[Member], now: float) -> Change:
-        """A successful lookup named exactly `members` (an empty set for NOERROR without records)."""
+    def answer(self, members: Iterable[Member], now: float, *,
+               unanswered_ipv4: bool = False, unanswered_ipv6: bool = False) -> Change:
+        """A successful lookup named exactly `members` (an empty set for NOERROR without records).
+
+        `unanswered_ipv4`/`unanswered_ipv6`: that family's question failed, so the answer says nothing
+        about its members: they stay as on a failed lookup (members it did name still count)."""
         seen = frozenset(members)
         self.last_answer = now
         added = seen - self._members
@@ -96,6 +103,8 @@ class Membership:
             self._missing_since.pop(member, None)
         removed: set[Member] = set()
         for member in self._members - seen:
+            if (unanswered_ipv6 if member.is_ipv6 else unanswered_ipv4):
+                continue
             since = self._missing_since.setdefault(member, now)
             if now - since >= self.grace:
                 removed.add(member)

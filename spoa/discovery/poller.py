@@ -2,8 +2,9 @@
 
 Owns: the poll loop (every `refresh` seconds, TTLs ignored), turning each lookup's outcome into a
 membership step, delivering member changes to one callback (again at the next poll if the callback
-raised), logging (changes when they happen; DNS outages once when they start, rarely while they
-last, once when they end) and reporting each lookup to an optional observer for metrics.
+raised), logging (changes when they happen; DNS outages, and an address family that fails while
+the other answers, once when they start, rarely while they last, once when they end) and reporting
+each lookup to an optional observer for metrics.
 
 Must not: raise out of the loop because of DNS or the callback, build the ring or talk to HAProxy
 (the callback does), or hold state for more than one service.
@@ -57,6 +58,10 @@ class Discovery:
         self.observer = observer
         self.log = logger or _log
         self.outage = outage_log or OutageLog()
+        #: a family failing while another answers (partial answers): its own log schedule
+        self.family_outage = OutageLog(self.outage.first_repeat, self.outage.max_interval)
+        #: "A"/"AAAA" → why its question failed at the last lookup that got an answer
+        self.failing_families: dict[str, str] = {}
         self.name = str(resolver.service)
         self.last_outcome: Outcome | None = None
         self.last_error: str | None = None
@@ -107,7 +112,9 @@ class Discovery:
             self.observer.dns_lookup(result.outcome, time.perf_counter() - started, truncated)
 
         if isinstance(result, Answer):
-            change = self.membership.answer(result.members, now)
+            change = self.membership.answer(result.members, now, unanswered_ipv4=result.unanswered_ipv4,
+                                            unanswered_ipv6=result.unanswered_ipv6)
+            self._families(now, result)
             if result.members or not change.members:
                 self.last_error = None
                 self._outage_ended(now)
@@ -156,6 +163,31 @@ class Discovery:
         return True
 
     # ------------------------------------------------------------------ logging
+
+    def _families(self, now: float, answer: Answer) -> None:
+        """Log a family that fails while another answers: once, then with back-off, then its end."""
+        self.failing_families = dict(answer.failed)
+        if answer.failed:
+            note = self.family_outage.failed(now)
+            if note is None:
+                return
+            families = " and ".join(family for family, _ in answer.failed)
+            kinds = " and ".join({"A": "IPv4", "AAAA": "IPv6"}.get(f, f) for f, _ in answer.failed)
+            why = "; ".join(message for _, message in answer.failed)
+            kept = sum(1 for m in self.membership.members
+                       if (answer.unanswered_ipv6 if m.is_ipv6 else answer.unanswered_ipv4))
+            if note.kind == "started":
+                self.log.warning("DNS %s: %s lookup failed (%s); using the other family's answer, keeping "
+                                 "the %d %s members", self.name, families, why, kept, kinds)
+            else:
+                self.log.warning("DNS %s: %s still failing after %.0f s and %d lookups (last: %s); keeping "
+                                 "the %d %s members", self.name, families, note.duration, note.failures, why,
+                                 kept, kinds)
+        else:
+            note = self.family_outage.succeeded(now)
+            if note is not None:
+                self.log.info("DNS %s: every address family answers again after %.0f s and %d partial "
+                              "answers", self.name, note.duration, note.failures)
 
     def _failed(self, now: float, message: str) -> None:
         self.last_error = message

@@ -14,8 +14,13 @@ at once, so an address lookup takes at most `timeout`; an SRV lookup at most twi
 question, then the targets the additional section lacks). The TCP retry runs in a worker thread:
 parsing 1,000 records costs ~30 ms of CPU, which inline would stall the agent's event loop.
 
-Outcomes are types: `resolve()` returns an `Answer` (ok, possibly empty) or raises a subclass of
-`ResolveError` whose `outcome` says which kind of failure it was.
+Address families answer on their own: a server that answers A but refuses AAAA (REFUSED, SERVFAIL
+or silence for that type alone; some forwarders do this) gives a partial `Answer`: the members of the
+family that answered, and `failed` naming the family that did not (its members are for the caller to
+keep). Only when no family answers does the lookup fail.
+
+Outcomes are types: `resolve()` returns an `Answer` (ok or partial, possibly empty) or raises a
+subclass of `ResolveError` whose `outcome` says which kind of failure it was.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import ipaddress
 import socket
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import dns._asyncbackend
 import dns.asyncbackend
@@ -61,6 +66,7 @@ class Outcome(enum.StrEnum):
     """What one lookup came to; a label for metrics and logs."""
 
     OK = "ok"
+    PARTIAL = "partial"  # one address family answered, another failed
     NXDOMAIN = "nxdomain"
     FAILURE = "failure"
     TIMEOUT = "timeout"
@@ -73,8 +79,21 @@ class Answer:
     members: frozenset[Member]
     truncated: bool = False  # some UDP answer came truncated and was fetched again over TCP
     ignored: int = 0  # records that were not acceptable members (unspecified, multicast, port 0 ...)
+    #: address families ("A", "AAAA") whose question failed while another answered, with why; the
+    #: answer says nothing about the members of those families
+    failed: tuple[tuple[str, str], ...] = ()
 
-    outcome: ClassVar[Outcome] = Outcome.OK
+    @property
+    def outcome(self) -> Outcome:
+        return Outcome.PARTIAL if self.failed else Outcome.OK
+
+    @property
+    def unanswered_ipv4(self) -> bool:
+        return any(family == "A" for family, _ in self.failed)
+
+    @property
+    def unanswered_ipv6(self) -> bool:
+        return any(family == "AAAA" for family, _ in self.failed)
 
 
 class ResolveError(Exception):
@@ -182,8 +201,10 @@ class Resolver:
     # ------------------------------------------------------------------ A / AAAA
 
     async def _resolve_addresses(self) -> Answer:
-        replies = await _gather_or_raise([self._ask(self.qname, t) for t in self.rdtypes])
-        truncated = any(r.truncated for r in replies)
+        results = await _gather_each([self._ask(self.qname, t) for t in self.rdtypes])
+        failed = _failed_families(self.rdtypes, results)
+        replies = [r for r in results if isinstance(r, _Reply)]
+        truncated = any(r.truncated for r in results)
         port = self.service.port
         members: set[Member] = set()
         ignored = 0
@@ -195,7 +216,7 @@ class Resolver:
                     members.add(Member(ip, port))
         if not members and any(r.rcode == dns.rcode.NXDOMAIN for r in replies):
             raise NXDomain(f"{self.qname} does not exist (NXDOMAIN)", truncated=truncated)
-        return Answer(frozenset(members), truncated, ignored)
+        return Answer(frozenset(members), truncated, ignored, failed)
 
     # ------------------------------------------------------------------ SRV
 
@@ -228,13 +249,16 @@ class Resolver:
                 async with limit:
                     return await self._ask(name, rdtype)
 
-            replies = await _gather_or_raise(
+            results = await _gather_each(
                 [ask_limited(t, rdtype) for t in missing for rdtype in self.rdtypes])
+            failed = _failed_families(self.rdtypes * len(missing), results)
             for i, target in enumerate(missing):
-                chunk = replies[i * len(self.rdtypes):(i + 1) * len(self.rdtypes)]
+                chunk = results[i * len(self.rdtypes):(i + 1) * len(self.rdtypes)]
                 truncated = truncated or any(r.truncated for r in chunk)
                 # A target that does not exist (any more) names no member; not an error.
-                found[target] = [ip for r in chunk for ip in _addresses(r.rrset)]
+                found[target] = [ip for r in chunk if isinstance(r, _Reply) for ip in _addresses(r.rrset)]
+        else:
+            failed = ()
 
         members: set[Member] = set()
         for target, ports in wanted.items():
@@ -243,7 +267,7 @@ class Resolver:
                     ignored += len(ports)
                     continue
                 members.update(Member(ip, port) for port in ports)
-        return Answer(frozenset(members), truncated, ignored)
+        return Answer(frozenset(members), truncated, ignored, failed)
 
     # ------------------------------------------------------------------ one question
 
@@ -326,14 +350,24 @@ def _addresses(rrset: dns.rrset.RRset | None) -> Iterable[str | None]:
     return [acceptable_ip(rdata.address) for rdata in rrset]
 
 
-async def _gather_or_raise(coros: list[Coroutine[Any, Any, _Reply]]) -> list[_Reply]:
-    """Run the questions together; if one fails, cancel the rest and raise that failure."""
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(c) for c in coros]
-    except BaseExceptionGroup as group_error:
-        errors = [e for e in group_error.exceptions if isinstance(e, ResolveError)]
-        if errors and len(errors) == len(group_error.exceptions):
-            raise errors[0] from None
-        raise
-    return [t.result() for t in tasks]
+async def _gather_each(coros: list[Coroutine[Any, Any, _Reply]]) -> list[_Reply | ResolveError]:
+    """Run the questions together; each gives its reply or its own failure (one failing question
+    does not cancel the others: another family may still answer)."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, ResolveError):
+            raise result
+    return cast(list[_Reply | ResolveError], results)
+
+
+def _failed_families(rdtypes: Sequence[dns.rdatatype.RdataType],
+                     results: Sequence[_Reply | ResolveError]) -> tuple[tuple[str, str], ...]:
+    """The families with a failed question (the first failure's message for each); raises that
+    failure when every family failed somewhere: then the lookup has no complete family to use."""
+    failed: dict[dns.rdatatype.RdataType, ResolveError] = {}
+    for rdtype, result in zip(rdtypes, results, strict=True):
+        if isinstance(result, ResolveError):
+            failed.setdefault(rdtype, result)
+    if failed and len(failed) == len(set(rdtypes)):
+        raise next(iter(failed.values()))
+    return tuple((dns.rdatatype.to_text(t), e.message) for t, e in failed.items())

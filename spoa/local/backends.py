@@ -19,7 +19,7 @@ import time
 from types import TracebackType
 
 from spoa.config import parse_host_port
-from spoa.local.process import stop_process
+from spoa.haproxy.process import stop_process
 
 
 class _HTTPServer(asyncio.Protocol):

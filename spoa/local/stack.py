@@ -19,9 +19,9 @@ import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 
+from spoa.haproxy.process import admin_command, show_info
 from spoa.local.backends import Backend
 from spoa.local.dnsmasq import Dnsmasq
-from spoa.local.haproxy import admin_command, show_info
 from spoa.local.ports import free_port
 from spoa.status import parse_metrics
 
