@@ -39,6 +39,17 @@ def visit(stack: Stack, user: User) -> str:
     return answer.served_by
 
 
+def settled_visit(stack: Stack, user: User) -> str:
+    """A visit by a user who holds the sticky cookie. A first visit the agent decided sets it; one the
+    agent did not answer within `timeout processing` (a loaded machine) is balanced by HAProxy alone,
+    without a cookie, and the user's next visit may go elsewhere: that is the design, not a move."""
+    deadline = time.monotonic() + 10
+    while "SWARMID" not in user.cookies:
+        visit(stack, user)
+        assert time.monotonic() < deadline, f"{user.name} got no sticky cookie"
+    return visit(stack, user)
+
+
 def test_two_hundred_cookies_stick_and_spread(three: Stack) -> None:
     crowd = users(200)
     first = {u.name: visit(three, u) for u in crowd}
@@ -72,7 +83,7 @@ def test_a_response_that_sets_the_cookie_is_private_to_its_client(three: Stack) 
 
 def test_scale_up_moves_no_cookie_session_and_new_sessions_reach_the_new_task(three: Stack) -> None:
     crowd = users(150, "up")
-    before = {u.name: visit(three, u) for u in crowd}
+    before = {u.name: settled_visit(three, u) for u in crowd}
     pid = three.haproxy_info()["Pid"]
     three.scale([0, 1, 2, 3])
     assert {u.name: visit(three, u) for u in crowd} == before
@@ -84,7 +95,7 @@ def test_scale_up_moves_no_cookie_session_and_new_sessions_reach_the_new_task(th
 
 def test_scale_down_moves_only_the_removed_tasks_sessions(three: Stack) -> None:
     crowd = users(150, "down")
-    before = {u.name: visit(three, u) for u in crowd}
+    before = {u.name: settled_visit(three, u) for u in crowd}
     gone = three.tasks[2].address
     three.scale([0, 1])
     after = {u.name: visit(three, u) for u in crowd}
@@ -124,17 +135,6 @@ def test_source_ip_keys_move_about_one_nth(stack: Stack) -> None:
     moved = sum(before[n] != after[n] for n in before) / len(crowd)
     assert moved <= 1.2 / 5 + 0.05, moved  # 400 keys: allow sampling noise
     assert all(after[n] == stack.tasks[4].address for n in before if before[n] != after[n])
-
-
-def settled_visit(stack: Stack, user: User) -> str:
-    """A visit by a user who holds the sticky cookie. A first visit the agent decided sets it; one the
-    agent did not answer within `timeout processing` (a loaded machine) is balanced by HAProxy alone,
-    without a cookie, and the user's next visit may go elsewhere: that is the design, not a move."""
-    deadline = time.monotonic() + 10
-    while "SWARMID" not in user.cookies:
-        visit(stack, user)
-        assert time.monotonic() < deadline, f"{user.name} got no sticky cookie"
-    return visit(stack, user)
 
 
 def test_a_task_that_stops_answering_costs_no_failed_request_once_marked_down(three: Stack) -> None:
