@@ -16,6 +16,8 @@ import pytest
 
 from spoa.local.client import User, users
 from spoa.local.stack import Stack
+from spoa.member import Member
+from spoa.routing import cookie_value
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -39,15 +41,21 @@ def visit(stack: Stack, user: User) -> str:
     return answer.served_by
 
 
+SECRET = "test-secret"  # COOKIE_SECRET of Stack
+
+
 def settled_visit(stack: Stack, user: User) -> str:
-    """A visit by a user who holds the sticky cookie. A first visit the agent decided sets it; one the
-    agent did not answer within `timeout processing` (a loaded machine) is balanced by HAProxy alone,
-    without a cookie, and the user's next visit may go elsewhere: that is the design, not a move."""
+    """A visit by a user whose sticky cookie names the task that served it. A visit the agent decided
+    sets that cookie; one the agent did not answer within `timeout processing` (a loaded machine) is
+    balanced by HAProxy alone and sets none, and the user's next visit may be decided elsewhere:
+    that is the design (an agent too slow to answer changes no request's fate), not a move."""
     deadline = time.monotonic() + 10
-    while "SWARMID" not in user.cookies:
-        visit(stack, user)
-        assert time.monotonic() < deadline, f"{user.name} got no sticky cookie"
-    return visit(stack, user)
+    while True:
+        addr = visit(stack, user)
+        ip, _, port = addr.rpartition(":")
+        if user.cookies.get("SWARMID") == cookie_value(Member.parse(ip, int(port)), SECRET):
+            return addr
+        assert time.monotonic() < deadline, f"{user.name} holds no cookie of the task that serves it"
 
 
 def test_two_hundred_cookies_stick_and_spread(three: Stack) -> None:
@@ -98,7 +106,7 @@ def test_scale_down_moves_only_the_removed_tasks_sessions(three: Stack) -> None:
     before = {u.name: settled_visit(three, u) for u in crowd}
     gone = three.tasks[2].address
     three.scale([0, 1])
-    after = {u.name: visit(three, u) for u in crowd}
+    after = {u.name: settled_visit(three, u) for u in crowd}
     for name, addr in before.items():
         if addr == gone:
             assert after[name] != gone
