@@ -15,13 +15,14 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from zlib import crc32
 
 from cachetools import TTLCache
 
 from spoa.config import KeySource, Settings
 from spoa.member import Member
 from spoa.protocol import Scope, encode_set_var
-from spoa.ring import Ring, hash_key
+from spoa.ring import Ring
 from spoa.ring.hashing import SLOT_SHIFT
 
 # Where a decision came from; the index is the position in the counters and in Target.actions.
@@ -282,7 +283,7 @@ class Router:
             if key is None:
                 continue
             # The ring's member if it is UP; if not, where the key goes once that member leaves.
-            return self._slots[hash_key(key) >> SLOT_SHIFT], source, issue and issues
+            return self._slots[crc32(key) >> SLOT_SHIFT], source, issue and issues
         # Nothing in the chain: spread new sessions over every UP member.
         target = self._target_list[next(self._round_robin) % len(self._target_list)]
         return target, NEW, issue
