@@ -6,6 +6,12 @@ every `DNS_REFRESH` seconds: DNS → members; members → HAProxy servers (the w
 reports which servers are UP); UP members → the router's rings. So a member HAProxy marks DOWN
 leaves the ring within half a second, whatever the DNS interval. Before the first DNS answer the
 members are the servers HAProxy already holds (an agent restarted during a DNS outage).
+
+With DECIDE=table the router's decision table is published into HAProxy (spoa.haproxy.table) twice
+per step when it changed: before the writer acts (a leaving or DOWN member leaves the table before
+its server is drained) and after (a member enabled in this step joins it, now that its server is
+UP). Nothing is published while no member is UP, so a restarted agent never replaces HAProxy's
+table with an empty one; HAProxy keeps deciding from the table it holds.
 Must not: sit on the per-request path (that is `Router.handle`, called by the SPOE server).
 """
 
@@ -23,6 +29,8 @@ from spoa.agent.loop import install_signal_handlers
 from spoa.config import Settings
 from spoa.discovery import Discovery
 from spoa.haproxy import HAProxyWriter
+from spoa.haproxy.runtime import RuntimeAPI
+from spoa.haproxy.table import DecisionTable, TablePublisher
 from spoa.member import Member
 from spoa.metrics import Metrics, MetricsServer
 from spoa.ring import Ring
@@ -41,8 +49,12 @@ class Agent:
         self.metrics = Metrics(self)
         self.discovery = Discovery.from_settings(settings, observer=self.metrics)
         self.writer = HAProxyWriter.from_settings(
-            settings, cookie_value=self.router.cookie_value if settings.cookie_first else None,
+            settings, cookie_value=self.router.cookie_value if settings.cookie_map_used else None,
             observer=self.metrics)
+        self.table: TablePublisher | None = None
+        if settings.decide == "table":
+            self.table = TablePublisher(RuntimeAPI(settings.admin_socket, observer=self.metrics),
+                                        settings.slot_map, settings.server_cookie_map)
         self.haproxy_reachable = False
         self._adopted = False  # HAProxy's servers were read before DNS answered (or DNS answered first)
         self._last_errors: tuple[str, ...] = ()
@@ -59,6 +71,12 @@ class Agent:
             return False, f"no members for {self.settings.service} yet"
         if not self.haproxy_reachable:
             return False, f"HAProxy socket {self.settings.admin_socket} does not answer"
+        if self.table is not None:
+            if not self.router.up:
+                return False, f"none of {len(self.discovery.members)} members is up yet"
+            table = self.router.decision_table()
+            if table is None or self.table.published is None or not self.table.is_current(DecisionTable(*table)):
+                return False, "the decision table is not published yet"
         return True, f"{len(self.router.up)} of {len(self.discovery.members)} members up"
 
     # ------------------------------------------------------------------ control loop
@@ -83,6 +101,7 @@ class Agent:
             # The router lets go of a leaving member before HAProxy is told to drain it, so no
             # decision names a server HAProxy will not use.
             await self._update_router(members, self.router.up & members)
+            await self.publish_table()
         report = await self.writer.step(members, now)
         self.metrics.haproxy_step(report)
         if report.reachable != self.haproxy_reachable:
@@ -97,7 +116,28 @@ class Agent:
             log.info("HAProxy %s: %s", self.settings.haproxy_backend, report)
         self._last_errors = report.errors
         await self._update_router(members, report.up & members)
+        if report.reachable:
+            if report.reloaded and self.table is not None:
+                self.table.forget()  # the new worker loaded the files: make sure they hold the table
+            await self.publish_table()
         return report.retry_after
+
+    async def publish_table(self) -> None:
+        """Publish the router's decision table into HAProxy if it changed (DECIDE=table)."""
+        if self.table is None:
+            return
+        table = self.router.decision_table()
+        if table is None:
+            return  # no member UP: keep what HAProxy holds
+        report = await self.table.publish(DecisionTable(*table))
+        if report.changed:
+            self.metrics.table_published(report.ok, report.seconds)
+            if not report.ok:
+                log.warning("decision table not published: %s", report.error)
+            else:
+                log.info("decision table published in %.0f ms (%s)", report.seconds * 1000, ", ".join(report.maps))
+            for error in report.file_errors:
+                log.warning("decision table: map file not written (a reload would start from an old one): %s", error)
 
     async def _update_router(self, members: frozenset[Member], up: frozenset[Member]) -> None:
         router = self.router

@@ -151,6 +151,10 @@ class Metrics(AgentObserver):
         self.haproxy_step_errors = 0
         self.haproxy_reloads = 0
         self.haproxy_states: dict[str, int] = {"pending": 0, "down": 0, "draining": 0}
+        # the decision table (DECIDE=table)
+        self.table_publications = 0
+        self.table_publish_failures = 0
+        self.table_publish_seconds = FastHistogram(REBUILD_BUCKETS)
 
     # ------------------------------------------------------------------ AgentObserver
 
@@ -222,6 +226,14 @@ class Metrics(AgentObserver):
         """`spoa.haproxy.runtime.CommandObserver`: one admin-socket command, its verb and duration."""
         self.runtime_command(verb, ok)
         self.runtime_latency.observe(seconds)
+
+    def table_published(self, ok: bool, seconds: float) -> None:
+        """One publication of the decision table (a changed table replaced in HAProxy, or a failure)."""
+        if ok:
+            self.table_publications += 1
+            self.table_publish_seconds.observe(seconds)
+        else:
+            self.table_publish_failures += 1
 
     def haproxy_step(self, report: HAProxyStep) -> None:
         """One step of the HAProxy writer: socket reachable, servers by state, reloads it repaired."""
@@ -320,6 +332,17 @@ class Metrics(AgentObserver):
             recent.add_metric([self.service, name, change], when)
         yield recent
         yield self.ring_rebuild_seconds.family(PREFIX + "ring_rebuild_seconds", "Time to rebuild the ring.", svc)
+        for name, doc, value in (
+            ("table_publications", "Decision tables published into HAProxy (DECIDE=table; a change of "
+             "members or health replaces the maps that changed).", self.table_publications),
+            ("table_publish_failures", "Publications of the decision table that failed (retried next step).",
+             self.table_publish_failures),
+        ):
+            c = CounterMetricFamily(PREFIX + name, doc, labels=["service"])
+            c.add_metric(s, value)
+            yield c
+        yield self.table_publish_seconds.family(PREFIX + "table_publish_seconds",
+                                                "Time to publish a changed decision table into HAProxy.", svc)
 
         # ---- DNS
         dns = CounterMetricFamily(PREFIX + "dns_queries", "DNS lookups by outcome (truncated-then-tcp counts "
