@@ -38,7 +38,7 @@ from spoa.haproxy.reconcile import ActionKind, CheckSettings, Reconciler
 from spoa.haproxy.runtime import CommandCounts, RuntimeAPI, validate_command
 from spoa.haproxy.writer import HAProxyWriter, StepReport
 from spoa.local.backends import Backend
-from spoa.local.haproxy import HAProxyProcess
+from spoa.local.haproxy import HAProxyProcess, haproxy_version
 from spoa.local.ports import free_port
 from spoa.member import Member
 
@@ -378,8 +378,11 @@ async def test_removed_member_drains_then_is_deleted(haproxy: HAProxyProcess, ba
         assert not report.draining and not report.errors
         assert await servers(haproxy) == {} and await cookie_map(haproxy) == {}
         async with asyncio.timeout(5):
-            answer = await reader.read(4096)  # the client whose session was cut gets an answer at once
-        assert answer.startswith(b"HTTP/1.1 502 ")
+            answer = await reader.read(4096)  # the client whose session was cut learns it at once
+        if haproxy_version() >= (3, 0):
+            assert answer == b""  # 3.x aborts the cut stream: the connection closes without an answer
+        else:
+            assert answer.startswith(b"HTTP/1.1 502 ")  # 2.6 answers the cut stream with a 502
         writer.close()
 
 

@@ -13,7 +13,8 @@ Rules, per server (every command targets the configured backend):
 - desired, absent just after HAProxy was reloaded (a new pid), and UP in the previous plan (at most
   `restore_window` before): added as below and enabled in the same step - not a starting task;
 - desired, absent: `add server <be>/<name> <addr> check inter .. fastinter .. downinter .. rise ..
-  fall .. pool-max-conn -1 pool-purge-delay 5s`, then `enable health`. The server starts in
+  fall .. observe layer4 error-limit 1 on-error mark-down pool-max-conn -1 pool-purge-delay 5s`,
+  then `enable health`. The server starts in
   maintenance with its checks running. The pool keywords are what a server from the config file
   gets by default; a dynamic server on 2.6 gets none of it (idle_lim 0 in `show servers conn`), so
   HAProxy opened a new server connection for every request (measured: 2.3x the HAProxy CPU per
@@ -56,6 +57,14 @@ _COOKIE_VALUE = re.compile(r"^[\x21\x23-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]{1,256}$
 # Idle server connections kept for reuse, as for a server from the config file (HAProxy's defaults:
 # no limit, purged after 5 s idle). Without them a dynamic server on 2.6 never reuses a connection.
 POOL_KEYWORDS = "pool-max-conn -1 pool-purge-delay 5s"
+
+# A task that dies is still UP for HAProxy until its next check fails (up to `inter`). A request sent
+# to it meanwhile is retried and redispatched by `balance hash`, which avoids only the last server
+# tried: with two tasks killed at once it could land on the other dead one and run out of retries
+# (a 503 SC-- in the chaos test on 3.4). One refused or timed-out connection marks the server DOWN
+# at once (its checks then run at `fastinter` and bring it back if it answers), so every retry goes
+# to a server that has not failed yet.
+OBSERVE_KEYWORDS = "observe layer4 error-limit 1 on-error mark-down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +236,7 @@ class Reconciler:
 
     def _add(self, member: Member) -> tuple[str, ...]:
         srv = self._srv(member.server_name)
-        return (f"add server {srv} {member.address} {self.checks.keywords()} {POOL_KEYWORDS}",
+        return (f"add server {srv} {member.address} {self.checks.keywords()} {OBSERVE_KEYWORDS} {POOL_KEYWORDS}",
                 f"enable health {srv}")
 
     # ------------------------------------------------------------------ the plan

@@ -35,6 +35,17 @@ def haproxy_binary() -> str:
     return os.environ.get("HAPROXY_BIN") or shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
+def haproxy_version(binary: str | None = None) -> tuple[int, int]:
+    """(major, minor) of the haproxy binary, from `haproxy -v`: tests assert each version's behaviour
+    where 2.6 and 3.x differ (docs/runtime-api.md, docs/protocol.md)."""
+    out = subprocess.run([binary or haproxy_binary(), "-v"], capture_output=True, text=True,
+                         timeout=10, check=True).stdout
+    words = out.split()
+    version = words[words.index("version") + 1] if "version" in words else ""
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
 def admin_command(socket_path: str, command: str, timeout: float = 5.0) -> str:
     """Send one command on the admin socket and return the whole answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -93,9 +104,11 @@ class HAProxyProcess:
         the decision table's maps (a file already there is kept: a restart starts from its table)."""
         run_dir = self.env.get("RUN_DIR", "/var/run/haproxy-swarm")
         os.makedirs(run_dir, exist_ok=True)
+        # The agent keeps its maps in <run_dir> unless told otherwise; haproxy.cfg's own defaults
+        # are the empty maps shipped beside it, for `haproxy -c` on its own.
         for var, name in (("COOKIE_MAP", "cookies.map"), ("SLOT_MAP", "slots.map"),
                           ("SERVER_COOKIE_MAP", "server-cookies.map")):
-            path = self.env.get(var) or os.path.join(run_dir, name)
+            path = self.env.setdefault(var, os.path.join(run_dir, name))
             if not os.path.exists(path):
                 Path(path).touch()
 
