@@ -10,8 +10,10 @@ members are the servers HAProxy already holds (an agent restarted during a DNS o
 With DECIDE=table the router's decision table is published into HAProxy (spoa.haproxy.table) twice
 per step when it changed: before the writer acts (a leaving or DOWN member leaves the table before
 its server is drained) and after (a member enabled in this step joins it, now that its server is
-UP). Nothing is published while no member is UP, so a restarted agent never replaces HAProxy's
-table with an empty one; HAProxy keeps deciding from the table it holds.
+UP). No slot is published while no member is UP, so a restarted agent never replaces HAProxy's
+table with an empty one; HAProxy keeps deciding from the table it holds. The server -> cookie map
+(either DECIDE, when the chain names the sticky cookie) holds every member, UP or not, so it is
+in HAProxy before the member's server is enabled.
 Must not: sit on the per-request path (that is `Router.handle`, called by the SPOE server).
 """
 
@@ -51,10 +53,14 @@ class Agent:
         self.writer = HAProxyWriter.from_settings(
             settings, cookie_value=self.router.cookie_value if settings.cookie_map_used else None,
             observer=self.metrics)
+        # The decision table HAProxy decides from (DECIDE=table), and the server -> cookie map a
+        # decision that issues the sticky cookie sets the cookie from (either DECIDE).
         self.table: TablePublisher | None = None
-        if settings.decide == "table":
+        slot_map = settings.slot_map if settings.decide == "table" else None
+        cookie_map = settings.server_cookie_map if settings.issues_cookie else None
+        if slot_map is not None or cookie_map is not None:
             self.table = TablePublisher(RuntimeAPI(settings.admin_socket, observer=self.metrics),
-                                        settings.slot_map, settings.server_cookie_map)
+                                        slot_map, cookie_map)
         self.haproxy_reachable = False
         self._adopted = False  # HAProxy's servers were read before DNS answered (or DNS answered first)
         self._last_errors: tuple[str, ...] = ()
@@ -71,7 +77,7 @@ class Agent:
             return False, f"no members for {self.settings.service} yet"
         if not self.haproxy_reachable:
             return False, f"HAProxy socket {self.settings.admin_socket} does not answer"
-        if self.table is not None:
+        if self.table is not None and self.table.slot_map is not None:
             if not self.router.up:
                 return False, f"none of {len(self.discovery.members)} members is up yet"
             table = self.router.decision_table()
@@ -123,12 +129,13 @@ class Agent:
         return report.retry_after
 
     async def publish_table(self) -> None:
-        """Publish the router's decision table into HAProxy if it changed (DECIDE=table)."""
+        """Publish the router's decision table (DECIDE=table) and the server -> cookie map into
+        HAProxy if they changed."""
         if self.table is None:
             return
         table = self.router.decision_table()
         if table is None:
-            return  # no member UP: keep what HAProxy holds
+            return  # no members: keep what HAProxy holds
         report = await self.table.publish(DecisionTable(*table))
         if report.changed:
             self.metrics.table_published(report.ok, report.seconds)

@@ -9,7 +9,10 @@ cookie map (the writer keeps it, ordered with the server actions) or raise on so
 The maps (haproxy.cfg reads them; their paths are the settings' `slot_map` and `server_cookie_map`):
 - slot → server name, all 65,536 slots: the Router's per-slot target, the fallback rule for members
   that are not UP included. HAProxy computes a key's slot with `crc32,div(65536)` (spoa.ring).
-- server name → sticky cookie value: the Set-Cookie of a decision that issues the cookie.
+  Published with DECIDE=table only.
+- server name → sticky cookie value: a decision that issues the cookie (the table's or the agent's)
+  sets the cookie of the server that served the request. Published whenever the chain names the
+  sticky cookie, with either DECIDE.
 
 Atomicity: HAProxy answers lookups from the committed version until `commit map` switches to the
 new one at once, so a request sees the whole old table or the whole new one, never a mix. A
@@ -97,8 +100,12 @@ def write_atomically(path: str, data: bytes) -> None:
 class TablePublisher:
     """Keeps HAProxy's slot map and server → cookie map equal to the last table given to `publish`."""
 
-    def __init__(self, api: RuntimeAPI, slot_map: str, cookie_map: str, *, write_files: bool = True) -> None:
+    def __init__(self, api: RuntimeAPI, slot_map: str | None, cookie_map: str | None, *,
+                 write_files: bool = True) -> None:
+        """`slot_map`, `cookie_map`: the map files to keep; None: that map is not published."""
         for path in (slot_map, cookie_map):
+            if path is None:
+                continue
             validate_command(f"prepare map {path}")
             if any(c.isspace() for c in path):
                 raise ValueError(f"map path must not contain white space: {path!r}")
@@ -113,9 +120,14 @@ class TablePublisher:
 
     def is_current(self, table: DecisionTable) -> bool:
         """True when HAProxy holds exactly `table`."""
-        return table is self.published or (
-            self._slots is not None and self._cookies is not None
-            and table.slots == self._slots and dict(table.cookies) == dict(self._cookies))
+        return table is self.published or (not self._slots_stale(table) and not self._cookies_stale(table))
+
+    def _slots_stale(self, table: DecisionTable) -> bool:
+        # No slots (no member UP): HAProxy keeps deciding from the table it holds.
+        return self.slot_map is not None and bool(table.slots) and table.slots != self._slots
+
+    def _cookies_stale(self, table: DecisionTable) -> bool:
+        return self.cookie_map is not None and (self._cookies is None or dict(table.cookies) != dict(self._cookies))
 
     def forget(self) -> None:
         """HAProxy lost what we published (restarted from files we may not have written): publish again."""
@@ -132,13 +144,13 @@ class TablePublisher:
         replaced: list[str] = []
         files: list[tuple[str, bytes]] = []
         try:
-            if self._cookies is None or dict(table.cookies) != dict(self._cookies):
+            if self.cookie_map is not None and self._cookies_stale(table):
                 lines = table.cookie_lines()
                 await self._replace(self.cookie_map, lines)
                 self._cookies = dict(table.cookies)
                 replaced.append(self.cookie_map)
                 files.append((self.cookie_map, lines))
-            if table.slots != self._slots:
+            if self.slot_map is not None and self._slots_stale(table):
                 lines = table.slot_lines()
                 await self._replace(self.slot_map, lines)
                 self._slots = table.slots

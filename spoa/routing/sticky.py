@@ -194,10 +194,11 @@ class Router:
 
     def decision_table(self) -> tuple[tuple[str, ...], dict[str, str]] | None:
         """The decision function written out for HAProxy: (the server name of every table slot, the
-        sticky cookie value of every member's server). None while no member is UP: nothing to name.
-        A key's decision is `slots[slot_of(key)]`, exactly what `actions` answers for it; built once
-        per membership or health change (~3 ms), then the same objects until the next."""
-        if not self._slots:
+        sticky cookie value of every member's server). The slots are () while no member is UP:
+        nothing to name; None when there are no members at all. A key's decision is
+        `slots[slot_of(key)]`, exactly what `actions` answers for it; built once per membership or
+        health change (~3 ms), then the same objects until the next."""
+        if not self.members:
             return None
         if self._table is None:
             names = {id(t): t.member.server_name for t in self._targets.values()}
