@@ -31,6 +31,7 @@ from spoa.agent.loop import install_signal_handlers
 from spoa.config import Settings
 from spoa.discovery import Discovery
 from spoa.haproxy import HAProxyWriter
+from spoa.haproxy.counters import COUNTS_TABLE, parse_counts
 from spoa.haproxy.runtime import RuntimeAPI
 from spoa.haproxy.table import DecisionTable, TablePublisher
 from spoa.member import Member
@@ -55,18 +56,19 @@ class Agent:
             observer=self.metrics)
         # The decision table HAProxy decides from (DECIDE=table), and the server -> cookie map a
         # decision that issues the sticky cookie sets the cookie from (either DECIDE).
+        self.api = RuntimeAPI(settings.admin_socket, observer=self.metrics)
         self.table: TablePublisher | None = None
         slot_map = settings.slot_map if settings.decide == "table" else None
         cookie_map = settings.server_cookie_map if settings.issues_cookie else None
         if slot_map is not None or cookie_map is not None:
-            self.table = TablePublisher(RuntimeAPI(settings.admin_socket, observer=self.metrics),
-                                        slot_map, cookie_map)
+            self.table = TablePublisher(self.api, slot_map, cookie_map)
         self.haproxy_reachable = False
         self._adopted = False  # HAProxy's servers were read before DNS answered (or DNS answered first)
         self._last_errors: tuple[str, ...] = ()
         self.server = AgentServer(settings.listen, self.router.handle,
                                   max_connections=settings.max_connections, observer=self.metrics)
-        self.metrics_server = MetricsServer(settings.metrics_listen, self.metrics, ready=self.ready)
+        self.metrics_server = MetricsServer(settings.metrics_listen, self.metrics, ready=self.ready,
+                                            before_scrape=self.read_haproxy_decisions)
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ state
@@ -127,6 +129,12 @@ class Agent:
                 self.table.forget()  # the new worker loaded the files: make sure they hold the table
             await self.publish_table()
         return report.retry_after
+
+    async def read_haproxy_decisions(self) -> None:
+        """Add the decisions HAProxy made itself since the last scrape to the metrics (one
+        `show table` on the admin socket; spoa.haproxy.counters). Raises on socket trouble."""
+        answer = await self.api.command(f"show table {COUNTS_TABLE}")
+        self.metrics.haproxy_decisions.update(parse_counts(answer))
 
     async def publish_table(self) -> None:
         """Publish the router's decision table (DECIDE=table) and the server -> cookie map into

@@ -243,9 +243,7 @@ class Settings:
     max_connections: int = 1000
     log_level: str = "info"
     log_format: str = "text"
-    # "agent" until the e2e suite passes with "table" (tests/test_e2e_routing.py: a task marked DOWN
-    # and source-key movement; see the issue 11 report); tests/test_table_haproxy.py runs "table".
-    decide: str = "agent"
+    decide: str = "table"
 
     @property
     def admin_socket(self) -> str:
@@ -432,7 +430,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("decide", "DECIDE", "--decide", parse_choice("table", "agent"),
            "who decides: table = HAProxy from the table the agent publishes, the agent over SPOE only "
            "where the table cannot; agent = every request the cookie map does not decide asks the agent",
-           "agent"),
+           "table"),
 )
 
 

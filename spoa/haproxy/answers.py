@@ -163,6 +163,7 @@ _ANSWER_RULES: dict[str, Callable[[str], bool]] = {
     "show map": _ok_show,
     "show info": lambda a: "\nPid:" in a or a.startswith("Pid:"),
     "prepare map": lambda a: a.lstrip("\n").startswith("New version created:"),
+    "show table": lambda a: a.lstrip("\n").startswith("# table:"),
     "prompt": lambda a: True,
     "quit": lambda a: True,
 }
