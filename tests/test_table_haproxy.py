@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from spoa.local.dnsmasq import Dnsmasq
 from spoa.local.haproxy import HAProxyProcess
@@ -139,7 +140,6 @@ def _served_by(port: int, path: str, headers: dict[str, str], source: str = "127
 
 def test_table_and_agent_decide_alike(table_and_agent: tuple[Stack, Stack]) -> None:
     table, agent = table_and_agent
-    from tests.polling import wait_for
     wait_for(lambda: table.metric("haproxy_swarm_table_publications_total") >= 1, "the table is published")
     rng = random.Random(12)
     cases: list[tuple[str, dict[str, str], str]] = []
@@ -155,8 +155,11 @@ def test_table_and_agent_decide_alike(table_and_agent: tuple[Stack, Stack]) -> N
         if a != b:
             differ.append((path, headers, source, a, b))
     assert not differ, f"{len(differ)} of {len(cases)} differ: {differ[:5]}"
-    # The table decided them (the agent of the table stack was not asked), the agent the others.
-    assert table.metric("haproxy_swarm_decisions_total", source="header") == 0
+    # The table decided them (the agent of the table stack was not asked: no NOTIFY), the agent the
+    # others; both count every decision (the table's from HAProxy's counters).
+    assert table.metric("haproxy_swarm_spop_frames_total", type="notify") == 0
+    assert agent.metric("haproxy_swarm_spop_frames_total", type="notify") >= len(cases)
+    assert table.metric("haproxy_swarm_decisions_total", source="header") == KEYS_PER_KIND // 4
     assert agent.metric("haproxy_swarm_decisions_total", source="header") == KEYS_PER_KIND // 4
 
 
