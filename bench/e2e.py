@@ -444,7 +444,7 @@ def report(cases: Mapping[str, Case], args: argparse.Namespace) -> None:
     print(f"medians of {args.runs} runs x {args.duration:g} s, {args.connections} connections, "
           f"wrk -t{args.wrk_threads}, {args.members} backends; x (a): the median of the per-run ratios "
           "(cases of one run are measured back to back)")
-    print("| case | req/s | x (a) | p50 ms | p99 ms | p99 added ms | asked agent | agent µs/req | HAProxy µs/req "
+    print("| case | req/s | x (a) | p50 ms | p99 ms | p99 added ms | decisions counted | agent µs/req | HAProxy µs/req "
           "| all µs/req | server conns/1k req | other load, CPUs |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for key, case in cases.items():

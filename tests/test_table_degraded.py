@@ -199,3 +199,25 @@ def test_a_cold_start_switches_to_the_table_once() -> None:
         assert not after, {name: (kind(load, name), b) for name, b in sorted(after.items())[:5]}
     finally:
         stack.stop()
+
+
+def test_a_health_change_is_in_the_table_within_a_second(published: Stack) -> None:
+    """A task that stops answering leaves the table within a second of HAProxy marking it DOWN,
+    and is back in it within a second of HAProxy marking it UP again."""
+    stack = published
+    slot_map = os.path.join(stack.run_dir, "slots.map")
+    victim = stack.tasks[1]
+    server = f"{victim.ip}_{victim.port}"
+
+    def named() -> bool:
+        return server in set(stack.map_entries(slot_map).values())
+
+    assert named()
+    victim.stop()  # still in DNS
+    wait_for(lambda: victim.address not in stack.up(), "HAProxy marks it DOWN")
+    gone = wait_for(lambda: not named(), "the table no longer names it", timeout=5)
+    victim.start()
+    wait_for(lambda: victim.address in stack.up(), "HAProxy marks it UP", timeout=20)
+    back = wait_for(named, "the table names it again", timeout=5)
+    print(f"\nout of the table {gone:.2f}s after DOWN, back {back:.2f}s after UP")
+    assert gone <= 1.0 and back <= 1.0, (gone, back)

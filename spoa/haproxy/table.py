@@ -21,8 +21,8 @@ the next `commit map` (HAProxy drops versions older than the one committed).
 
 Cost of a full replacement of 65,536 slots (bench/publish.py, docs/performance.md): medians of
 ~120 ms on HAProxy 2.6 and 3.4 on the shared 2-CPU machine (82-152 ms; ~12 ms of it builds the
-lines here, the rest is HAProxy parsing ~100 chunks); a table equal to the published one costs nothing (compared by identity,
-then by value), so the steady state sends no command at all.
+lines here, the rest is HAProxy parsing ~100 chunks); a table equal to the published one costs
+nothing (compared by identity, then by value), so the steady state sends no command at all.
 """
 
 from __future__ import annotations
