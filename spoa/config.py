@@ -281,22 +281,19 @@ class Settings:
     def chain_env(self) -> dict[str, str]:
         """The key chain as haproxy.cfg walks it with DECIDE=table: STICKY_AT is the position of the
         sticky cookie (decided by the cookie map); KEY_<n> is the sample expression of the key, whose slot is
-        `<expr>,crc32,div(65536)` (spoa.ring.slot_of); SOURCE_<n> names it for metrics and logs;
-        ISSUE_<n> is 1 when its decisions issue the sticky cookie (a key after the cookie). `-`: unused."""
-        env = {f"{name}_{n}": "-" for n in range(1, MAX_CHAIN + 1) for name in ("KEY", "SOURCE", "ISSUE")}
+        `<expr>,crc32,div(65536)` (spoa.ring.slot_of); SOURCE_<n> names it for metrics and logs.
+        `-`: unused. (A decision after the sticky cookie's place issues the cookie: haproxy.cfg.)"""
+        env = {f"{name}_{n}": "-" for n in range(1, MAX_CHAIN + 1) for name in ("KEY", "SOURCE")}
         env["STICKY_AT"] = "-"
-        after_cookie = False
         for n, source in enumerate(self.sticky_key, start=1):
             if source.kind == "cookie" and source.name == self.sticky_cookie:
                 env[f"KEY_{n}"], env[f"SOURCE_{n}"], env["STICKY_AT"] = "sticky", "cookie", str(n)
-                after_cookie = True
                 continue
             # The same fetches spoe.conf sends the agent; strings hashed over their first KEY_LIMIT bytes.
             fetch = {"cookie": f"req.cook({source.name})", "header": f"req.hdr({source.name})",
                      "param": f"url_param({source.name})", "src": "src"}[source.kind]
             env[f"KEY_{n}"] = fetch if source.kind == "src" else f"{fetch},bytes(0,{KEY_LIMIT})"
             env[f"SOURCE_{n}"] = source.kind
-            env[f"ISSUE_{n}"] = "1" if after_cookie else "0"
         return env
 
     @property
