@@ -9,6 +9,15 @@ removed (as a multiple of 1/N), lookup time per call (hashing included), and bui
                                                        # multi-probe (fewer keys for the slow ones)
     .venv/bin/python bench/ring.py --keys 200000 --sizes 10,100
     .venv/bin/python bench/ring.py --only maglev,mpch
+    .venv/bin/python bench/ring.py --key-sets src16,ids  # realistic keys (default: every set)
+
+Key sets (the ring hashes keys with CRC-32, which HAProxy computes too, so the spread depends on
+what keys look like; each set is reported on its own):
+- random:   random 24-character hex strings (the bench's historical keys);
+- src16:    every source address of a /16 (10.1.0.0/16), as the 4 bytes HAProxy's `src` hashes;
+- ids:      sequential numeric user ids in a header: b"1", b"2", ... ;
+- sessions: random session strings (22 characters of URL-safe base64, as a 128-bit session id);
+- ipv6:     random IPv6 sources, 16 bytes each (addresses of a few /64s with random host parts).
 
 Targets (shared/DESIGN.md): peak/mean ≤ 1.05 over 1M keys for N in 3..100; moved ≤ 1.2/N;
 lookup p99 ≤ 10 µs; build ≤ 50 ms at N = 1000. Timings are CPU time on this machine, best of
@@ -18,6 +27,7 @@ lookup p99 ≤ 10 µs; build ≤ 50 ms at N = 1000. Timings are CPU time on this
 from __future__ import annotations
 
 import argparse
+import base64
 import bisect
 import os
 import random
@@ -165,11 +175,31 @@ def build_ms(build: Callable[[Sequence[Member]], Lookup], members: Sequence[Memb
     return best * 1000
 
 
-def run(algo: Algorithm, sizes: Sequence[int], nkeys: int, trials: int, repeat: int, seed: int) -> None:
+def key_set(name: str, nkeys: int, seed: int) -> list[bytes]:
+    """The keys of one named set (see the module docstring)."""
     rng = random.Random(seed)
-    keys = [rng.randbytes(12).hex().encode() for _ in range(nkeys // algo.keys_divisor)]
+    if name == "random":
+        return [rng.randbytes(12).hex().encode() for _ in range(nkeys)]
+    if name == "src16":
+        return [bytes((10, 1, i >> 8, i & 255)) for i in range(1 << 16)]
+    if name == "ids":
+        return [str(i).encode() for i in range(1, nkeys + 1)]
+    if name == "sessions":
+        return [base64.urlsafe_b64encode(rng.randbytes(16)).rstrip(b"=") for _ in range(nkeys)]
+    if name == "ipv6":
+        prefixes = [bytes.fromhex("20010db8") + rng.randbytes(4) for _ in range(4)]
+        return [rng.choice(prefixes)[:8] + rng.randbytes(8) for _ in range(nkeys)]
+    raise SystemExit(f"unknown key set {name!r}; expected one of {', '.join(KEY_SETS)}")
+
+
+KEY_SETS = ("random", "src16", "ids", "sessions", "ipv6")
+
+
+def run(algo: Algorithm, sizes: Sequence[int], nkeys: int, trials: int, repeat: int, seed: int,
+        key_set_name: str = "random") -> None:
+    keys = key_set(key_set_name, nkeys // algo.keys_divisor, seed)
     timing_keys = keys[:100_000]
-    print(f"\n{algo.name}: {len(keys):,} random keys, {trials} member set(s) per N")
+    print(f"\n{algo.name}: {len(keys):,} {key_set_name} keys, {trials} member set(s) per N")
     print(f"{'N':>5} {'peak/mean':>9} {'add x 1/N':>17} {'remove x 1/N':>17} "
           f"{'lookup p50':>10} {'p99 µs':>7} {'build ms':>9}")
     for n in sizes:
@@ -204,6 +234,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--compare", action="store_true", help="also run the algorithms we did not choose")
     ap.add_argument("--only", default="", help="comma-separated names among: " + ", ".join(NAMES))
+    ap.add_argument("--key-sets", default=",".join(KEY_SETS),
+                    help="comma-separated key sets among: " + ", ".join(KEY_SETS))
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",")]
     hash_key(b"warm-up")
@@ -212,8 +244,9 @@ def main() -> None:
         algos = list(ALGORITHMS.values())
     if args.only:
         algos = [ALGORITHMS[name] for name in args.only.split(",")]
-    for algo in algos:
-        run(algo, sizes, args.keys, args.trials, args.repeat, args.seed)
+    for name in args.key_sets.split(","):
+        for algo in algos:
+            run(algo, sizes, args.keys, args.trials, args.repeat, args.seed, name)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,14 @@ every `DNS_REFRESH` seconds: DNS → members; members → HAProxy servers (the w
 reports which servers are UP); UP members → the router's rings. So a member HAProxy marks DOWN
 leaves the ring within half a second, whatever the DNS interval. Before the first DNS answer the
 members are the servers HAProxy already holds (an agent restarted during a DNS outage).
+
+With DECIDE=table the router's decision table is published into HAProxy (spoa.haproxy.table) twice
+per step when it changed: before the writer acts (a leaving or DOWN member leaves the table before
+its server is drained) and after (a member enabled in this step joins it, now that its server is
+UP). No slot is published while no member is UP, so a restarted agent never replaces HAProxy's
+table with an empty one; HAProxy keeps deciding from the table it holds. The server -> cookie map
+(either DECIDE, when the chain names the sticky cookie) holds every member, UP or not, so it is
+in HAProxy before the member's server is enabled.
 Must not: sit on the per-request path (that is `Router.handle`, called by the SPOE server).
 """
 
@@ -23,6 +31,9 @@ from spoa.agent.loop import install_signal_handlers
 from spoa.config import Settings
 from spoa.discovery import Discovery
 from spoa.haproxy import HAProxyWriter
+from spoa.haproxy.counters import COUNTS_TABLE, parse_counts
+from spoa.haproxy.runtime import RuntimeAPI
+from spoa.haproxy.table import DecisionTable, TablePublisher
 from spoa.member import Member
 from spoa.metrics import Metrics, MetricsServer
 from spoa.ring import Ring
@@ -41,14 +52,23 @@ class Agent:
         self.metrics = Metrics(self)
         self.discovery = Discovery.from_settings(settings, observer=self.metrics)
         self.writer = HAProxyWriter.from_settings(
-            settings, cookie_value=self.router.cookie_value if settings.cookie_first else None,
+            settings, cookie_value=self.router.cookie_value if settings.cookie_map_used else None,
             observer=self.metrics)
+        # The decision table HAProxy decides from (DECIDE=table), and the server -> cookie map a
+        # decision that issues the sticky cookie sets the cookie from (either DECIDE).
+        self.api = RuntimeAPI(settings.admin_socket, observer=self.metrics)
+        self.table: TablePublisher | None = None
+        slot_map = settings.slot_map if settings.decide == "table" else None
+        cookie_map = settings.server_cookie_map if settings.issues_cookie else None
+        if slot_map is not None or cookie_map is not None:
+            self.table = TablePublisher(self.api, slot_map, cookie_map)
         self.haproxy_reachable = False
         self._adopted = False  # HAProxy's servers were read before DNS answered (or DNS answered first)
         self._last_errors: tuple[str, ...] = ()
         self.server = AgentServer(settings.listen, self.router.handle,
                                   max_connections=settings.max_connections, observer=self.metrics)
-        self.metrics_server = MetricsServer(settings.metrics_listen, self.metrics, ready=self.ready)
+        self.metrics_server = MetricsServer(settings.metrics_listen, self.metrics, ready=self.ready,
+                                            before_scrape=self.read_haproxy_decisions)
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ state
@@ -59,6 +79,12 @@ class Agent:
             return False, f"no members for {self.settings.service} yet"
         if not self.haproxy_reachable:
             return False, f"HAProxy socket {self.settings.admin_socket} does not answer"
+        if self.table is not None and self.table.slot_map is not None:
+            if not self.router.up:
+                return False, f"none of {len(self.discovery.members)} members is up yet"
+            table = self.router.decision_table()
+            if table is None or self.table.published is None or not self.table.is_current(DecisionTable(*table)):
+                return False, "the decision table is not published yet"
         return True, f"{len(self.router.up)} of {len(self.discovery.members)} members up"
 
     # ------------------------------------------------------------------ control loop
@@ -83,6 +109,7 @@ class Agent:
             # The router lets go of a leaving member before HAProxy is told to drain it, so no
             # decision names a server HAProxy will not use.
             await self._update_router(members, self.router.up & members)
+            await self.publish_table()
         report = await self.writer.step(members, now, frozenset(self.discovery.membership.missing))
         self.metrics.haproxy_step(report)
         if report.reachable != self.haproxy_reachable:
@@ -97,7 +124,35 @@ class Agent:
             log.info("HAProxy %s: %s", self.settings.haproxy_backend, report)
         self._last_errors = report.errors
         await self._update_router(members, report.up & members)
+        if report.reachable:
+            if report.reloaded and self.table is not None:
+                self.table.forget()  # the new worker loaded the files: make sure they hold the table
+            await self.publish_table()
         return report.retry_after
+
+    async def read_haproxy_decisions(self) -> None:
+        """Add the decisions HAProxy made itself since the last scrape to the metrics (one
+        `show table` on the admin socket; spoa.haproxy.counters). Raises on socket trouble."""
+        answer = await self.api.command(f"show table {COUNTS_TABLE}")
+        self.metrics.haproxy_decisions.update(parse_counts(answer))
+
+    async def publish_table(self) -> None:
+        """Publish the router's decision table (DECIDE=table) and the server -> cookie map into
+        HAProxy if they changed."""
+        if self.table is None:
+            return
+        table = self.router.decision_table()
+        if table is None:
+            return  # no members: keep what HAProxy holds
+        report = await self.table.publish(DecisionTable(*table))
+        if report.changed:
+            self.metrics.table_published(report.ok, report.seconds)
+            if not report.ok:
+                log.warning("decision table not published: %s", report.error)
+            else:
+                log.info("decision table published in %.0f ms (%s)", report.seconds * 1000, ", ".join(report.maps))
+            for error in report.file_errors:
+                log.warning("decision table: map file not written (a reload would start from an old one): %s", error)
 
     async def _update_router(self, members: frozenset[Member], up: frozenset[Member]) -> None:
         router = self.router

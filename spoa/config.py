@@ -71,6 +71,12 @@ class KeySource:
 
 # --------------------------------------------------------------------------- parsers
 
+# Key names HAProxy's config may hold unquoted in a sample expression (DECIDE=table).
+_CONFIG_WORD = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+# The longest chain: the sticky cookie, one other cookie, one header, one parameter and src.
+MAX_CHAIN = 5
+# Keys are hashed over their first KEY_LIMIT bytes (spoa.routing: the agent; haproxy.cfg: bytes()).
+KEY_LIMIT = 1024
 _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")  # RFC 7230 token, bounded
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?$")
 
@@ -237,6 +243,7 @@ class Settings:
     max_connections: int = 1000
     log_level: str = "info"
     log_format: str = "text"
+    decide: str = "table"
 
     @property
     def admin_socket(self) -> str:
@@ -246,6 +253,48 @@ class Settings:
     def cookie_map(self) -> str:
         """The HAProxy map file (cookie value → server name) the agent keeps current."""
         return os.path.join(self.run_dir, "cookies.map")
+
+    @property
+    def slot_map(self) -> str:
+        """The HAProxy map file (table slot → server name) the agent publishes (DECIDE=table)."""
+        return os.path.join(self.run_dir, "slots.map")
+
+    @property
+    def server_cookie_map(self) -> str:
+        """The HAProxy map file (server name → sticky cookie value) the agent publishes (DECIDE=table)."""
+        return os.path.join(self.run_dir, "server-cookies.map")
+
+    @property
+    def cookie_attributes(self) -> str:
+        """What follows `NAME=value` in the sticky cookie's Set-Cookie (`; Secure` is added over TLS)."""
+        attrs = "; Path=/; HttpOnly; SameSite=Lax"
+        if self.cookie_max_age:
+            attrs += f"; Max-Age={self.cookie_max_age}"
+        return attrs
+
+    @property
+    def cookie_map_used(self) -> bool:
+        """True when HAProxy routes by the cookie map: the sticky cookie heads the chain, or HAProxy
+        walks the whole chain from the table (DECIDE=table) and the chain names the cookie."""
+        return self.cookie_first or (self.decide == "table" and self.issues_cookie)
+
+    def chain_env(self) -> dict[str, str]:
+        """The key chain as haproxy.cfg walks it with DECIDE=table: STICKY_AT is the position of the
+        sticky cookie (decided by the cookie map); KEY_<n> is the sample expression of the key, whose slot is
+        `<expr>,crc32,div(65536)` (spoa.ring.slot_of); SOURCE_<n> names it for metrics and logs.
+        `-`: unused. (A decision after the sticky cookie's place issues the cookie: haproxy.cfg.)"""
+        env = {f"{name}_{n}": "-" for n in range(1, MAX_CHAIN + 1) for name in ("KEY", "SOURCE")}
+        env["STICKY_AT"] = "-"
+        for n, source in enumerate(self.sticky_key, start=1):
+            if source.kind == "cookie" and source.name == self.sticky_cookie:
+                env[f"KEY_{n}"], env[f"SOURCE_{n}"], env["STICKY_AT"] = "sticky", "cookie", str(n)
+                continue
+            # The same fetches spoe.conf sends the agent; strings hashed over their first KEY_LIMIT bytes.
+            fetch = {"cookie": f"req.cook({source.name})", "header": f"req.hdr({source.name})",
+                     "param": f"url_param({source.name})", "src": "src"}[source.kind]
+            env[f"KEY_{n}"] = fetch if source.kind == "src" else f"{fetch},bytes(0,{KEY_LIMIT})"
+            env[f"SOURCE_{n}"] = source.kind
+        return env
 
     @property
     def issues_cookie(self) -> bool:
@@ -269,6 +318,11 @@ class Settings:
             "CHECK_PATH": self.check_path,
             "STICKY_COOKIE": self.sticky_cookie,
             "COOKIE_MAP": self.cookie_map,
+            "DECIDE": self.decide,
+            "SLOT_MAP": self.slot_map,
+            "SERVER_COOKIE_MAP": self.server_cookie_map,
+            "COOKIE_ATTRS": self.cookie_attributes,
+            **self.chain_env(),
         }
         # The SPOE message has one slot per key kind; unused slots fetch a name nobody sends.
         unused = "X-Haproxy-Swarm-Unused"
@@ -370,6 +424,10 @@ OPTIONS: tuple[Option, ...] = (
            "log level", "info"),
     Option("log_format", "LOG_FORMAT", "--log-format", parse_choice("text", "json"),
            "log format", "text"),
+    Option("decide", "DECIDE", "--decide", parse_choice("table", "agent"),
+           "who decides: table = HAProxy from the table the agent publishes, the agent over SPOE only "
+           "where the table cannot; agent = every request the cookie map does not decide asks the agent",
+           "table"),
 )
 
 
@@ -438,6 +496,13 @@ def _check_consistency(s: Settings) -> None:
                 f"STICKY_KEY (--sticky-key): invalid value {','.join(map(str, s.sticky_key))!r}: at most one "
                 f"'{kind}:' element besides the sticky cookie {s.sticky_cookie!r} (the SPOE message has one slot)"
             )
+    if s.decide == "table":
+        for source in s.sticky_key:
+            if source.name and not _CONFIG_WORD.match(source.name):
+                raise ConfigError(
+                    f"STICKY_KEY (--sticky-key): invalid value {','.join(map(str, s.sticky_key))!r}: with DECIDE=table "
+                    f"HAProxy reads {source.name!r} in its config, where only letters, digits, '_', '.' and '-' "
+                    "are safe; rename it or set DECIDE=agent")
     if s.listen == s.metrics_listen:
         raise ConfigError(f"AGENT_LISTEN and METRICS_LISTEN are both {s.listen}")
 

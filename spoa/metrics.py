@@ -18,7 +18,7 @@ import platform
 import time
 from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -34,6 +34,7 @@ from prometheus_client.process_collector import ProcessCollector
 from spoa import __version__
 from spoa.agent.server import AgentObserver
 from spoa.config import HostPort
+from spoa.haproxy.counters import DecisionCounts
 from spoa.protocol import FrameType, Status
 from spoa.routing import SOURCES
 
@@ -53,6 +54,8 @@ COMMAND_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 2.0)
 DNS_OUTCOMES = ("ok", "partial", "nxdomain", "failure", "timeout", "truncated-then-tcp")
 #: How many member changes `haproxy_swarm_member_change_timestamp_seconds` keeps (bounded series).
 RECENT_CHANGES = 16
+# How long a scrape waits for counters read elsewhere (HAProxy's decisions) before answering.
+SCRAPE_READ_TIMEOUT = 1.0
 
 _FRAME_LABELS = {FrameType.HAPROXY_HELLO: "haproxy-hello", FrameType.NOTIFY: "notify",
                  FrameType.HAPROXY_DISCONNECT: "haproxy-disconnect"}
@@ -151,6 +154,12 @@ class Metrics(AgentObserver):
         self.haproxy_step_errors = 0
         self.haproxy_reloads = 0
         self.haproxy_states: dict[str, int] = {"pending": 0, "down": 0, "draining": 0}
+        # HAProxy's own decisions (spoa.haproxy.counters), read at each scrape of /metrics
+        self.haproxy_decisions = DecisionCounts()
+        # the decision table (DECIDE=table)
+        self.table_publications = 0
+        self.table_publish_failures = 0
+        self.table_publish_seconds = FastHistogram(REBUILD_BUCKETS)
 
     # ------------------------------------------------------------------ AgentObserver
 
@@ -223,6 +232,14 @@ class Metrics(AgentObserver):
         self.runtime_command(verb, ok)
         self.runtime_latency.observe(seconds)
 
+    def table_published(self, ok: bool, seconds: float) -> None:
+        """One publication of the decision table (a changed table replaced in HAProxy, or a failure)."""
+        if ok:
+            self.table_publications += 1
+            self.table_publish_seconds.observe(seconds)
+        else:
+            self.table_publish_failures += 1
+
     def haproxy_step(self, report: HAProxyStep) -> None:
         """One step of the HAProxy writer: socket reachable, servers by state, reloads it repaired."""
         self.haproxy_steps += 1
@@ -272,13 +289,15 @@ class Metrics(AgentObserver):
         decisions = CounterMetricFamily(PREFIX + "decisions", "Routing decisions by the key source that decided "
                                         "(new: no key, a new session; none: no member UP).",
                                         labels=["service", "source"])
+        haproxy = self.haproxy_decisions  # decided by HAProxy itself (table, cookie map), read per scrape
         for source, count in zip(SOURCES, router.decisions, strict=True):
-            decisions.add_metric([self.service, source], count)
+            decisions.add_metric([self.service, source], count + haproxy.decisions(source))
         yield decisions
         yield self.decision_latency.family(PREFIX + "decision_seconds", "Time from a decoded NOTIFY to its ACK.",
                                            svc)
         for name, doc, value in (
-            ("sticky_cookies_issued", "Sticky cookies the agent asked HAProxy to set.", router.cookies_issued),
+            ("sticky_cookies_issued", "Sticky cookies issued: asked by the agent, or set by HAProxy from "
+             "the decision table.", router.cookies_issued + haproxy.cookies_issued),
             ("cookies_rerouted", "Requests whose sticky cookie named a member that is gone (re-routed, "
              "and a new cookie issued).", router.cookies_rerouted),
             ("cookies_invalid", "Requests whose sticky cookie was not one the agent issued.", router.cookies_invalid),
@@ -327,6 +346,17 @@ class Metrics(AgentObserver):
             recent.add_metric([self.service, name, change], when)
         yield recent
         yield self.ring_rebuild_seconds.family(PREFIX + "ring_rebuild_seconds", "Time to rebuild the ring.", svc)
+        for name, doc, value in (
+            ("table_publications", "Decision tables published into HAProxy (DECIDE=table; a change of "
+             "members or health replaces the maps that changed).", self.table_publications),
+            ("table_publish_failures", "Publications of the decision table that failed (retried next step).",
+             self.table_publish_failures),
+        ):
+            c = CounterMetricFamily(PREFIX + name, doc, labels=["service"])
+            c.add_metric(s, value)
+            yield c
+        yield self.table_publish_seconds.family(PREFIX + "table_publish_seconds",
+                                                "Time to publish a changed decision table into HAProxy.", svc)
 
         # ---- DNS
         dns = CounterMetricFamily(PREFIX + "dns_queries", "DNS lookups by outcome (truncated-then-tcp counts "
@@ -421,10 +451,14 @@ def _loop_name() -> str:
 class MetricsServer:
     """A minimal HTTP/1.0 server for /metrics, /healthz and /readyz on the event loop."""
 
-    def __init__(self, listen: HostPort, metrics: Metrics, ready: Callable[[], tuple[bool, str]]) -> None:
+    def __init__(self, listen: HostPort, metrics: Metrics, ready: Callable[[], tuple[bool, str]],
+                 before_scrape: Callable[[], Awaitable[None]] | None = None) -> None:
+        """`before_scrape`: awaited (at most SCRAPE_READ_TIMEOUT) before each /metrics answer, to
+        read counters kept elsewhere (HAProxy's decisions); its failure leaves the last values."""
         self.listen = listen
         self.registry = metrics.registry()
         self.ready = ready
+        self.before_scrape = before_scrape
         self._server: asyncio.Server | None = None
 
     @property
@@ -448,6 +482,11 @@ class MetricsServer:
             request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5.0)
             parts = request.split(b" ", 2)
             path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+            if path == b"/metrics" and self.before_scrape is not None:
+                try:
+                    await asyncio.wait_for(self.before_scrape(), SCRAPE_READ_TIMEOUT)
+                except Exception as e:  # the scrape still answers, with the last counts
+                    log.debug("before scrape: %s", e)
             try:
                 status, ctype, body = self._answer(path)
             except Exception:  # a collector bug must not kill the endpoint silently

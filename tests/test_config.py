@@ -107,8 +107,8 @@ def test_every_setting_is_documented_and_every_haproxy_variable_has_a_default() 
     for opt in OPTIONS:
         assert f"`{opt.env}`" in guide and f"`{opt.flag}`" in guide, opt.env
     cfg = (ROOT / "haproxy.cfg").read_text() + (ROOT / "spoe.conf").read_text()
-    used = set(re.findall(r"\$\{([A-Z_]+)\}", cfg))
-    preset = set(re.findall(r"^\s*presetenv\s+([A-Z_]+)", cfg, re.M))
+    used = set(re.findall(r"\$\{([A-Z0-9_]+)\}", cfg))
+    preset = set(re.findall(r"^\s*presetenv\s+([A-Z0-9_]+)", cfg, re.M))
     optional = {"CHECK_PATH", "HAPROXY_MAXCONN", "HAPROXY_NBTHREAD"}  # guarded by `.if` in haproxy.cfg
     assert used - preset - optional == set()
     s = load_settings({}, {"SWARM_SERVICE": "tasks.x:8080"})

@@ -1,6 +1,7 @@
 """Degraded modes under load (issue 4, shared/DESIGN.md "Degraded modes"): 0 failed requests.
 
-Everything real on loopback: `haproxy-swarm run` (HAProxy 2.6, the shipped config, the agent),
+Everything real on loopback: `haproxy-swarm run` (HAProxy 2.6, the shipped config, the agent, with
+DECIDE=agent: the SPOE path; the same faults with the decision table: tests/test_table_degraded.py),
 dnsmasq, three backends. A bounded load (`spoa.local.load`) of 200 requests/s from 200 users, each
 its own 127.x source address: half keep their sticky cookie (routed by HAProxy's cookie map once
 they have one), half keep none (every request asks the agent, so the agent is on the request path).
@@ -95,7 +96,9 @@ def assert_load_held(summary: Summary, seconds: float) -> None:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with Stack(n_slots=3) as s:
+    # DECIDE=agent: the SPOE path, where the agent is on the request path of every cookieless user.
+    # With the table (the default) nobody waits for the agent: tests/test_table_degraded.py.
+    with Stack(n_slots=3, env={"DECIDE": "agent"}) as s:
         yield s
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import hashlib
 import io
 import socket
 import time
@@ -177,7 +178,8 @@ def member(b: Backend) -> Member:
 
 
 def cookie(m: Member) -> str:
-    return f"c-{m.server_name}"
+    """A cookie value of the issued length (20): haproxy.cfg's table path looks up no other."""
+    return hashlib.sha256(m.server_name.encode()).hexdigest()[:20]
 
 
 def make_writer(h: HAProxyProcess, *, drain_timeout: float = 30, observer: CommandCounts | None = None,

@@ -279,6 +279,6 @@ def test_ten_thousand_hostile_requests(stack: Stack) -> None:
     assert stack.metric("haproxy_swarm_spop_protocol_errors_total") == 0
     assert stack.agent_pid() == pid
     assert rss_after - rss_before < RSS_GROWTH_MB
-    # Every 200 but those a member's cookie routed through HAProxy's cookie map asked the agent.
-    by_map = sum(1 for c in cases if c.cookie_member is not None)
-    assert decided >= 0.8 * (outcome["200 from a member"] - by_map)
+    # Every 200 is a decision, counted whether HAProxy made it from the table (or the cookie map)
+    # or the agent over SPOE.
+    assert decided >= 0.95 * outcome["200 from a member"]

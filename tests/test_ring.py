@@ -60,10 +60,12 @@ def ring30() -> Ring:
 
 # ---------------------------------------------------------------- pinned hashes and mapping
 
-def test_hash_key_is_blake2b_64_big_endian() -> None:
-    assert hash_key(b"") == 0xE4A6A0577479B2B4  # the BLAKE2b-64 test vector of the empty string
-    assert hash_key(b"10.0.0.1") == 0x538EF646E14D03E6
-    assert slot_of(b"alice") == hash_key(b"alice") >> 48 == 0x4DEA
+def test_hash_key_is_crc32_and_the_slot_its_high_16_bits() -> None:
+    """What HAProxy's `crc32,div(65536)` computes (tests/test_table_haproxy.py checks HAProxy)."""
+    assert hash_key(b"") == 0
+    assert hash_key(b"123456789") == 0xCBF43926  # the CRC-32 check value
+    assert hash_key(bytes([10, 0, 0, 1])) == 0x39FE0FEE  # src 10.0.0.1 as its 4 address bytes
+    assert slot_of(b"alice") == hash_key(b"alice") >> 16 == 0x278E
 
 
 def test_member_walk_is_pinned_and_visits_every_slot() -> None:
@@ -76,9 +78,11 @@ def test_member_walk_is_pinned_and_visits_every_slot() -> None:
 def test_fixed_mapping_is_pinned() -> None:
     ring = Ring(FIXED)
     assert digest(ring) == FIXED_DIGEST
-    assert ring.lookup(b"alice") == Member("10.0.0.5", 80)
-    assert ring.lookup(b"bob") == Member("fd00::5", 8080)
-    assert ring.lookup(b"192.0.2.7") == Member("10.0.0.4", 80)
+    # Keys hash with CRC-32 since the decision table (issue 11): these moved once then.
+    assert ring.lookup(b"alice") == Member("10.0.0.3", 80)
+    assert ring.lookup(b"bob") == Member("10.0.0.3", 80)
+    assert ring.lookup(b"192.0.2.7") == Member("10.0.0.3", 80)
+    assert ring.lookup(b"carol") == Member("10.0.0.5", 80)
 
 
 def test_same_mapping_in_other_processes() -> None:

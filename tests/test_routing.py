@@ -74,8 +74,9 @@ def test_chain_order_header_before_src() -> None:
 
 def test_a_key_before_the_sticky_cookie_decides_and_issues_no_cookie() -> None:
     """`header:X-User,cookie:SWARMID,src`: the header wins whenever present, cookie or not; only the
-    keys after the cookie issue one; HAProxy must not route by the cookie alone."""
-    chain = make_settings(sticky_key="header:X-User,cookie:SWARMID,src")
+    keys after the cookie issue one; HAProxy must not route by the cookie alone before the header
+    (DECIDE=agent: it has no cookie map; DECIDE=table: it walks the chain, header first)."""
+    chain = make_settings(sticky_key="header:X-User,cookie:SWARMID,src", decide="agent")
     assert chain.issues_cookie and not chain.cookie_first
     router = Router(chain, MEMBERS)
     src = ipaddress.ip_address("192.0.2.1")
@@ -90,6 +91,10 @@ def test_a_key_before_the_sticky_cookie_decides_and_issues_no_cookie() -> None:
     assert router.cookie_map() == {}
     assert Agent(chain).writer.cookie_map is None  # HAProxy's cookie shortcut stays empty
     assert Agent(make_settings()).writer.cookie_map is not None
+    # With the table, HAProxy consults the cookie map only at the cookie's place in the chain.
+    table = make_settings(sticky_key="header:X-User,cookie:SWARMID,src")
+    assert table.decide == "table" and table.chain_env()["STICKY_AT"] == "2"
+    assert Router(table, MEMBERS).cookie_map() != {}
 
 
 def test_scale_up_moves_no_cookie_session_and_new_members_get_new_sessions() -> None:

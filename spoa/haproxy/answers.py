@@ -162,6 +162,8 @@ _ANSWER_RULES: dict[str, Callable[[str], bool]] = {
     "show stat": lambda a: a.lstrip("\n").startswith("# pxname"),
     "show map": _ok_show,
     "show info": lambda a: "\nPid:" in a or a.startswith("Pid:"),
+    "prepare map": lambda a: a.lstrip("\n").startswith("New version created:"),
+    "show table": lambda a: a.lstrip("\n").startswith("# table:"),
     "prompt": lambda a: True,
     "quit": lambda a: True,
 }
@@ -311,6 +313,14 @@ def parse_info(answer: str, command: str = "show info") -> dict[str, str]:
     return info
 
 
+def prepared_version(answer: str, command: str = "prepare map") -> str:
+    """The version number `prepare map` answered (`New version created: 7`)."""
+    words = answer.split()
+    if not words or not words[-1].isdigit():
+        raise MalformedAnswer(command, answer, "no version number")
+    return words[-1]
+
+
 def info_pid(info: Mapping[str, str]) -> int | None:
     value = info.get("Pid", "")
     return int(value) if value.isdigit() else None
@@ -332,5 +342,6 @@ __all__ = [
     "parse_map",
     "parse_server_sessions",
     "parse_servers_state",
+    "prepared_version",
     "verb_of",
 ]

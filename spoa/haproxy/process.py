@@ -119,16 +119,19 @@ class HAProxyProcess:
         self._log_file: int | None = None
 
     def prepare(self) -> None:
-        """Create the run directory and the (empty) cookie map HAProxy expects at start.
+        """Create the run directory and the (empty) maps HAProxy expects at start: the cookie map and
+        the decision table's maps (a file already there is kept: a restart starts from its table).
 
-        The map is the one in RUN_DIR unless COOKIE_MAP names another: the shipped config's own
-        default (the read-only empty map beside it) is for `haproxy -c` alone, not for a running
-        HAProxy whose map the agent keeps current."""
+        The maps are the ones in RUN_DIR unless the environment names others: the shipped config's
+        own defaults (the read-only empty maps beside it) are for `haproxy -c` alone, not for a
+        running HAProxy whose maps the agent keeps current."""
         run_dir = self.env.get("RUN_DIR", "/var/run/haproxy-swarm")
         os.makedirs(run_dir, exist_ok=True)
-        cookie_map = self.env.setdefault("COOKIE_MAP", os.path.join(run_dir, "cookies.map"))
-        if not os.path.exists(cookie_map):
-            Path(cookie_map).touch()
+        for var, name in (("COOKIE_MAP", "cookies.map"), ("SLOT_MAP", "slots.map"),
+                          ("SERVER_COOKIE_MAP", "server-cookies.map")):
+            path = self.env.setdefault(var, os.path.join(run_dir, name))
+            if not os.path.exists(path):
+                Path(path).touch()
 
     def check(self) -> None:
         """`haproxy -c`: raise HAProxyError with HAProxy's own message when the config is refused."""

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
@@ -124,13 +125,15 @@ class Stack:
             "LOG_LEVEL": "info",
         } | self.extra_env
 
-    def start(self, members: Iterable[int] = (0, 1, 2), wait: bool = True) -> Stack:
+    def start(self, members: Iterable[int] = (0, 1, 2), wait: bool = True, start_backends: bool = True) -> Stack:
+        """Start `run` with the task slots `members` in DNS. `start_backends` False: their backends
+        do not listen yet (a cold start whose tasks are not ready; then `wait` must be False)."""
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError("this Stack is already running")  # a second `run` would be left behind
         try:
             if self._own_dns and not self.dns.running:
                 self.dns.start()
-            self.scale(members, wait=False)
+            self.scale(members, wait=False, start_backends=start_backends)
             log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
             self.proc = subprocess.Popen([sys.executable, "-m", "spoa", "run"], env=self.env(),
                                          stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -220,14 +223,22 @@ class Stack:
                 if r.get("srv_op_state") == "2" and r.get("srv_admin_state") == "0"}
 
     def wait_up(self, slots: Iterable[int], timeout: float = 20.0) -> float:
+        """Wait until HAProxy has exactly the task slots `slots` UP and the agent routes to as many
+        members with its decision table published (/readyz 200, "N of M members up"). HAProxy
+        learns of a dead task first (one refused connection marks it DOWN) and the agent up to a
+        control step later; the table follows the agent's view. Returns the seconds it took."""
         want = self.addresses(slots)
+        agrees = f"{len(want)} of "
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             self.check_running()
             if self.up() == want:
-                return time.monotonic() - start
+                status, body = self.readyz()
+                if status == 200 and body.startswith(agrees):
+                    return time.monotonic() - start
             time.sleep(0.05)
-        raise TimeoutError(f"HAProxy shows {sorted(self.up())} UP, wanted {sorted(want)}; log:\n{self.log_tail()}")
+        raise TimeoutError(f"HAProxy shows {sorted(self.up())} UP, wanted {sorted(want)}; agent's /readyz: "
+                           f"{self.readyz()}; log:\n{self.log_tail()}")
 
     def agent_pid(self) -> int | None:
         """The pid of the agent `run` supervises now (None while it is being restarted)."""
@@ -258,6 +269,25 @@ class Stack:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as resp:
             body: bytes = resp.read()
         return body.decode()
+
+    def readyz(self) -> tuple[int, str]:
+        """The agent's /readyz: (HTTP status, body); (0, error) while it does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError as e:
+            return 0, str(e)
+
+    def map_entries(self, path: str) -> dict[str, str]:
+        """The entries of one of HAProxy's maps (`show map`), key -> value."""
+        out: dict[str, str] = {}
+        for line in self.command(f"show map {path}").splitlines():
+            parts = line.split()
+            if len(parts) == 3:
+                out[parts[1]] = parts[2]
+        return out
 
     def metric(self, name: str, **labels: str) -> float:
         """The sum of the samples of `name` whose labels include `labels` (0 when absent)."""

@@ -15,13 +15,15 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from zlib import crc32
 
 from cachetools import TTLCache
 
+from spoa import config
 from spoa.config import KeySource, Settings
 from spoa.member import Member
 from spoa.protocol import Scope, encode_set_var
-from spoa.ring import Ring, hash_key
+from spoa.ring import Ring
 from spoa.ring.hashing import SLOT_SHIFT
 
 # Where a decision came from; the index is the position in the counters and in Target.actions.
@@ -34,7 +36,8 @@ _SOURCE_FOR_KIND = {"cookie": COOKIE, "header": HEADER, "param": PARAM, "src": S
 
 # Hostile clients may send huge keys; hashing a bounded prefix keeps the cost flat and still
 # spreads keys (two keys that share their first KEY_LIMIT bytes simply go to the same member).
-KEY_LIMIT = 1024
+# haproxy.cfg hashes the same prefix (`bytes(0,1024)`, from Settings.chain_env).
+KEY_LIMIT = config.KEY_LIMIT
 # A cookie value we issued is exactly this many hex characters.
 COOKIE_VALUE_LENGTH = 20
 
@@ -116,10 +119,8 @@ class Router:
         self.secret = settings.cookie_secret
         self.issues_cookie = settings.issues_cookie
         self.cookie_first = settings.cookie_first
-        attrs = "; Path=/; HttpOnly; SameSite=Lax"
-        if settings.cookie_max_age:
-            attrs += f"; Max-Age={settings.cookie_max_age}"
-        self._cookie_attrs = attrs
+        self.cookie_map_used = settings.cookie_map_used
+        self._cookie_attrs = settings.cookie_attributes
         # The chain as (argument name, source index, issues the cookie), the sticky cookie where it
         # stands. A key before the sticky cookie decides whether or not a cookie is present, so a
         # decision of it issues none (the cookie would pin the client where that key may not).
@@ -147,6 +148,7 @@ class Router:
         self._cookie_of: dict[Member, str] = {}
         self._target_list: Sequence[Target] = ()
         self._slots: tuple[Target, ...] = ()
+        self._table: tuple[tuple[str, ...], dict[str, str]] | None = None
         self.update(members)
 
     # ------------------------------------------------------------------ control path
@@ -186,8 +188,23 @@ class Router:
             else:
                 self.fallback = Ring(up_set)
             self._slots = self._slot_targets()
+            self._table = None
         self.members = members
         self.up = up_set
+
+    def decision_table(self) -> tuple[tuple[str, ...], dict[str, str]] | None:
+        """The decision function written out for HAProxy: (the server name of every table slot, the
+        sticky cookie value of every member's server). The slots are () while no member is UP:
+        nothing to name; None when there are no members at all. A key's decision is
+        `slots[slot_of(key)]`, exactly what `actions` answers for it; built once per membership or
+        health change (~3 ms), then the same objects until the next."""
+        if not self.members:
+            return None
+        if self._table is None:
+            names = {id(t): t.member.server_name for t in self._targets.values()}
+            slots = tuple(map(names.__getitem__, map(id, self._slots)))
+            self._table = (slots, {m.server_name: value for m, value in self._cookie_of.items()})
+        return self._table
 
     def _slot_targets(self) -> tuple[Target, ...]:
         """The target of every table slot: the ring's member if it is UP, else the fallback ring's.
@@ -221,8 +238,8 @@ class Router:
 
     def cookie_map(self) -> dict[str, str]:
         """Cookie value → server name for the members that are UP: the map HAProxy routes with (empty
-        unless the sticky cookie heads the chain: otherwise a cookie alone does not decide)."""
-        if not self.cookie_first:
+        unless HAProxy uses it: `Settings.cookie_map_used`)."""
+        if not self.cookie_map_used:
             return {}
         return {t.cookie: t.member.server_name for t in self._targets.values()}
 
@@ -282,7 +299,7 @@ class Router:
             if key is None:
                 continue
             # The ring's member if it is UP; if not, where the key goes once that member leaves.
-            return self._slots[hash_key(key) >> SLOT_SHIFT], source, issue and issues
+            return self._slots[crc32(key) >> SLOT_SHIFT], source, issue and issues
         # Nothing in the chain: spread new sessions over every UP member.
         target = self._target_list[next(self._round_robin) % len(self._target_list)]
         return target, NEW, issue
