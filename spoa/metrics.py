@@ -295,7 +295,7 @@ class Metrics(AgentObserver):
         yield decisions
         yield self.decision_latency.family(PREFIX + "decision_seconds", "Time from a decoded NOTIFY to its ACK.",
                                            svc)
-        for name, doc, value in (
+        yield from _service_counters(s, (
             ("sticky_cookies_issued", "Sticky cookies issued: asked by the agent, or set by HAProxy from "
              "the decision table.", router.cookies_issued + haproxy.cookies_issued),
             ("cookies_rerouted", "Requests whose sticky cookie named a member that is gone (re-routed, "
@@ -304,10 +304,7 @@ class Metrics(AgentObserver):
             ("members_added", "Members that joined the service.", self.members_added),
             ("members_removed", "Members that left the service.", self.members_removed),
             ("ring_rebuilds", "Ring rebuilds (membership or health changes).", self.ring_rebuilds),
-        ):
-            c = CounterMetricFamily(PREFIX + name, doc, labels=["service"])
-            c.add_metric(s, value)
-            yield c
+        ))
 
         # ---- members and the ring
         members = GaugeMetricFamily(PREFIX + "members", "Members of the service: known (from DNS), up (UP in "
@@ -346,15 +343,12 @@ class Metrics(AgentObserver):
             recent.add_metric([self.service, name, change], when)
         yield recent
         yield self.ring_rebuild_seconds.family(PREFIX + "ring_rebuild_seconds", "Time to rebuild the ring.", svc)
-        for name, doc, value in (
+        yield from _service_counters(s, (
             ("table_publications", "Decision tables published into HAProxy (DECIDE=table; a change of "
              "members or health replaces the maps that changed).", self.table_publications),
             ("table_publish_failures", "Publications of the decision table that failed (retried next step).",
              self.table_publish_failures),
-        ):
-            c = CounterMetricFamily(PREFIX + name, doc, labels=["service"])
-            c.add_metric(s, value)
-            yield c
+        ))
         yield self.table_publish_seconds.family(PREFIX + "table_publish_seconds",
                                                 "Time to publish a changed decision table into HAProxy.", svc)
 
@@ -402,17 +396,14 @@ class Metrics(AgentObserver):
                                       "the last reconciliation step.", labels=["service"])
         socket_up.add_metric(s, 1.0 if self.haproxy_reachable else 0.0)
         yield socket_up
-        for name, doc, value in (
+        yield from _service_counters(s, (
             ("haproxy_steps", "Reconciliations of HAProxy's servers with the members (one per control step).",
              self.haproxy_steps),
             ("haproxy_step_errors", "Reconciliation steps that met an error (socket unavailable, a refused "
              "command); the next step retries.", self.haproxy_step_errors),
             ("haproxy_reloads", "HAProxy reloads or restarts the agent noticed (it writes the servers back).",
              self.haproxy_reloads),
-        ):
-            c = CounterMetricFamily(PREFIX + name, doc, labels=["service"])
-            c.add_metric(s, value)
-            yield c
+        ))
         cmds = CounterMetricFamily(PREFIX + "runtime_api_commands", "HAProxy runtime API commands by verb.",
                                    labels=["service", "verb"])
         fails = CounterMetricFamily(PREFIX + "runtime_api_failures", "HAProxy runtime API commands that failed.",
@@ -431,6 +422,14 @@ class Metrics(AgentObserver):
         registry.register(self)
         ProcessCollector(namespace=PREFIX.rstrip("_"), registry=registry)
         return registry
+
+
+def _service_counters(service: list[str], rows: tuple[tuple[str, str, float], ...]) -> Iterator[Metric]:
+    """One counter family per (name, help, value) row, labelled with the service."""
+    for name, doc, value in rows:
+        c = CounterMetricFamily(PREFIX + name, doc, labels=["service"])
+        c.add_metric(service, value)
+        yield c
 
 
 def _status_name(status: Status | int) -> str:
