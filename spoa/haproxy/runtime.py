@@ -77,6 +77,15 @@ def validate_command(command: str) -> str:
     return command
 
 
+def validate_map_path(path: str) -> str:
+    """A map file path that every map command carries as one argument, or ValueError (a bug or a bad
+    setting in the caller): nothing that splits a command, no white space."""
+    validate_command(f"show map {path}")
+    if any(c.isspace() for c in path):
+        raise ValueError(f"map path must not contain white space: {path!r}")
+    return path
+
+
 def _answer_text(raw: bytes) -> str:
     """The answer without the prompt and without the empty line HAProxy puts after most answers."""
     text = raw.decode("utf-8", "replace")

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 from spoa.haproxy.answers import prepared_version
 from spoa.haproxy.errors import RuntimeAPIError, RuntimeAPIUnavailable
-from spoa.haproxy.runtime import MAX_PAYLOAD_BYTES, RuntimeAPI, validate_command
+from spoa.haproxy.runtime import MAX_PAYLOAD_BYTES, RuntimeAPI, validate_map_path
 from spoa.ring.hashing import TABLE_SIZE
 
 # "0 ", "1 ", ... : the key part of every slot line.
@@ -114,9 +114,7 @@ class TablePublisher:
         for path in (slot_map, cookie_map):
             if path is None:
                 continue
-            validate_command(f"prepare map {path}")
-            if any(c.isspace() for c in path):
-                raise ValueError(f"map path must not contain white space: {path!r}")
+            validate_map_path(path)
         self.api = api
         self.slot_map = slot_map
         self.cookie_map = cookie_map

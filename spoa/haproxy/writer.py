@@ -32,7 +32,7 @@ from spoa.haproxy.reconcile import (
     cookie_entries,
     plan_cookie_map,
 )
-from spoa.haproxy.runtime import CommandObserver, RuntimeAPI, RuntimeSession, validate_command
+from spoa.haproxy.runtime import CommandObserver, RuntimeAPI, RuntimeSession, validate_map_path
 from spoa.member import Member
 
 CookieValue = Callable[[Member], str]
@@ -79,9 +79,7 @@ class HAProxyWriter:
         if (cookie_map is None) != (cookie_value is None):
             raise ValueError("cookie_map and cookie_value go together")
         if cookie_map is not None:
-            validate_command(f"show map {cookie_map}")
-            if any(c.isspace() for c in cookie_map):
-                raise ValueError(f"cookie map path must not contain white space: {cookie_map!r}")
+            validate_map_path(cookie_map)
         self.api = api
         self.reconciler = reconciler
         self.cookie_map = cookie_map
