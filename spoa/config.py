@@ -16,7 +16,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 DEFAULT_RUN_DIR = "/var/run/haproxy-swarm"
@@ -67,6 +67,51 @@ class KeySource:
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.name}" if self.name else self.kind
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which requests a service takes (SWARM_CONFIG_FILE with several services): a Host (exact, or
+    `*.example.com` for any name under it; empty: any Host) and a path prefix that matches whole
+    segments (`/api` takes `/api` and `/api/x`, not `/apix`; empty: any path)."""
+
+    host: str = ""
+    path: str = ""
+
+    def __str__(self) -> str:
+        return (self.host or "*") + self.path
+
+    @property
+    def rank(self) -> tuple[int, int, int]:
+        """Sort key: more specific routes first (HAProxy takes the first match of the services map):
+        an exact Host before a wildcard before any Host, then the longer path, then the longer Host."""
+        host_class = 2 if not self.host else 1 if self.host.startswith("*.") else 0
+        return host_class, -len(self.path), -len(self.host)
+
+    def regex(self) -> str:
+        """The route as a regular expression over `<host><path>`, the string haproxy.cfg matches
+        (the Host header lowercased without its port, then the path without the query)."""
+        if not self.host:
+            host = "[^/]*"
+        elif self.host.startswith("*."):
+            host = "[^/]+" + re.escape(self.host[1:])
+        else:
+            host = re.escape(self.host)
+        path = re.escape(self.path) + "(/|$)" if self.path else "/"
+        return "^" + host + path
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceLine:
+    """One line of SWARM_CONFIG_FILE: `[ROUTE] TARGET [name=N] [key=CHAIN] [cookie=C] [check=/P]`."""
+
+    line: int  # line number in the file, for messages
+    route: Route | None  # None: the default service (takes what no route matches)
+    service: ServiceSpec
+    name: str  # the service's name: HAProxy backend be_<name>, metrics label, map files
+    sticky_key: tuple[KeySource, ...] | None = None  # None: STICKY_KEY
+    sticky_cookie: str | None = None  # None: <STICKY_COOKIE>_<name>
+    check_path: str | None = None  # None: CHECK_PATH
 
 
 # --------------------------------------------------------------------------- parsers
@@ -244,6 +289,11 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     decide: str = "table"
+    # Not settings of their own: several services in SWARM_CONFIG_FILE (load_settings), and what
+    # service_settings derives for each of them.
+    services: tuple[ServiceLine, ...] = ()
+    service_name: str = ""  # "" for the one service of the seed's set-up (be_app, maps without prefix)
+    service_path: str = ""  # the route's path prefix: the sticky cookie's Path
 
     @property
     def admin_socket(self) -> str:
@@ -252,22 +302,25 @@ class Settings:
     @property
     def cookie_map(self) -> str:
         """The HAProxy map file (cookie value → server name) the agent keeps current."""
-        return os.path.join(self.run_dir, "cookies.map")
+        return self._map_file("cookies.map")
 
     @property
     def slot_map(self) -> str:
         """The HAProxy map file (table slot → server name) the agent publishes (DECIDE=table)."""
-        return os.path.join(self.run_dir, "slots.map")
+        return self._map_file("slots.map")
 
     @property
     def server_cookie_map(self) -> str:
         """The HAProxy map file (server name → sticky cookie value) the agent publishes (DECIDE=table)."""
-        return os.path.join(self.run_dir, "server-cookies.map")
+        return self._map_file("server-cookies.map")
+
+    def _map_file(self, name: str) -> str:
+        return os.path.join(self.run_dir, f"{self.service_name}.{name}" if self.service_name else name)
 
     @property
     def cookie_attributes(self) -> str:
         """What follows `NAME=value` in the sticky cookie's Set-Cookie (`; Secure` is added over TLS)."""
-        attrs = "; Path=/; HttpOnly; SameSite=Lax"
+        attrs = f"; Path={self.service_path or '/'}; HttpOnly; SameSite=Lax"
         if self.cookie_max_age:
             attrs += f"; Max-Age={self.cookie_max_age}"
         return attrs
@@ -438,20 +491,115 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{opt.help} [env {opt.env}, default {opt.default_text}]")
 
 
-def _read_service_file(path: str) -> str:
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+_ROUTE_HOST = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*$")
+_ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+$")
+LINE_OPTIONS = ("name", "key", "cookie", "check")
+
+
+def _read_service_file(path: str) -> list[tuple[int, str]]:
+    """The file's service lines (number, text), comments and blank lines left out."""
     try:
         with open(path, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
-    except OSError as e:
-        raise ConfigError(
-            f"SWARM_SERVICE is not set and SWARM_CONFIG_FILE ({path}) cannot be read: {e.strerror}"
-        ) from None
-    if len(lines) != 1:
-        raise ConfigError(
-            f"SWARM_CONFIG_FILE ({path}) must hold exactly one service such as tasks.backend:80, "
-            f"found {len(lines)} lines"
-        )
-    return lines[0]
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+        raise ConfigError(f"SWARM_SERVICE is not set and SWARM_CONFIG_FILE ({path}) cannot be read: {why}") from None
+    lines = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            lines.append((n, line))
+    if not lines:
+        raise ConfigError(f"SWARM_CONFIG_FILE ({path}) names no service; expected a line such as tasks.backend:80")
+    return lines
+
+
+def _looks_like_target(word: str) -> bool:
+    return word.startswith("_") or (":" in word and "/" not in word)
+
+
+def parse_route(text: str) -> Route:
+    """`shop.example.com`, `*.example.com`, `example.com/api`, `/api` (any Host)."""
+    host, slash, path = text.partition("/")
+    host = host.lower().rstrip(".")
+    path = (slash + path).rstrip("/")
+    if host == "*":
+        host = ""
+    if host and not _ROUTE_HOST.match(host):
+        raise ValueError(f"{text!r} is not a host name (or *.domain) with an optional /path")
+    if path and not _ROUTE_PATH.match(path):
+        raise ValueError(f"invalid path {path!r} in {text!r}")
+    if not host and not path:
+        raise ValueError(f"{text!r} matches everything; leave the route out for the default service")
+    return Route(host, path)
+
+
+def default_service_name(service: ServiceSpec) -> str:
+    """`tasks.shop:8080` -> `shop`, `_http._tcp.api` -> `api`, `web.ns.svc.cluster.local` -> `web`."""
+    labels = [label for label in service.name.lower().split(".") if label and not label.startswith("_")]
+    if len(labels) > 1 and labels[0] == "tasks":
+        labels = labels[1:]
+    name = re.sub(r"[^a-z0-9_-]", "-", labels[0] if labels else "service")[:32]
+    return name if _NAME.match(name) else "service"
+
+
+def parse_service_line(number: int, text: str) -> ServiceLine:
+    """One line of SWARM_CONFIG_FILE; ValueError says what is wrong with it."""
+    words = text.split()
+    route: Route | None = None
+    if not _looks_like_target(words[0]) and "=" not in words[0]:
+        if len(words) < 2:
+            raise ValueError(f"{words[0]!r} is not a service (NAME:PORT or _svc._proto.NAME) and no service follows it")
+        route = parse_route(words[0])
+        words = words[1:]
+    service = parse_service(words[0])
+    options: dict[str, str] = {}
+    for word in words[1:]:
+        key, sep, value = word.partition("=")
+        if not sep or key not in LINE_OPTIONS:
+            raise ValueError(f"unknown option {word!r}; expected {', '.join(o + '=' for o in LINE_OPTIONS)}")
+        if key in options:
+            raise ValueError(f"option {key}= given twice")
+        options[key] = value
+    name = options.get("name") or default_service_name(service)
+    if not _NAME.match(name):
+        raise ValueError(f"name={name!r}: expected 1-32 of a-z, 0-9, '_' and '-', starting with a letter or digit")
+    try:
+        chain = parse_sticky_key(options["key"]) if "key" in options else None
+    except ValueError as e:
+        raise ValueError(f"key={options['key']}: {e}") from None
+    cookie = options.get("cookie")
+    if cookie is not None and not _TOKEN.match(cookie):
+        raise ValueError(f"cookie={cookie}: expected a cookie name made of token characters")
+    check = options.get("check")
+    if check is not None:
+        try:
+            parse_path_or_empty(check)
+        except ValueError as e:
+            raise ValueError(f"check={check}: {e}") from None
+    return ServiceLine(number, route, service, name, chain, cookie, check)
+
+
+def parse_service_lines(lines: Sequence[tuple[int, str]], path: str) -> tuple[ServiceLine, ...]:
+    """Every line of the file, checked together: names and routes unique, one default at most."""
+    services: list[ServiceLine] = []
+    for number, text in lines:
+        try:
+            services.append(parse_service_line(number, text))
+        except ValueError as e:
+            raise ConfigError(f"SWARM_CONFIG_FILE ({path}) line {number}: {text!r}: {e}") from None
+    seen: dict[object, ServiceLine] = {}
+    for line in services:
+        for what, key in (("name", ("name", line.name)), ("route", ("route", line.route))):
+            other = seen.get(key)
+            if other is not None:
+                shown = "default service (no route)" if what == "route" and line.route is None else f"{what} {key[1]}"
+                hint = "; give one of them name=..." if what == "name" else ""
+                raise ConfigError(f"SWARM_CONFIG_FILE ({path}) line {line.line}: the {shown} is already "
+                                  f"line {other.line}'s{hint}")
+            seen[key] = line
+    return tuple(services)
 
 
 def load_settings(flags: Mapping[str, str | None] | argparse.Namespace | None = None,
@@ -474,14 +622,86 @@ def load_settings(flags: Mapping[str, str | None] | argparse.Namespace | None = 
             raise ConfigError(f"{opt.env} ({opt.flag}): invalid value {raw!r}: {e}") from None
     if "service" not in values:
         path = values.get("config_file", "/my-config")
-        raw = _read_service_file(path)
-        try:
-            values["service"] = parse_service(raw)
-        except ValueError as e:
-            raise ConfigError(f"SWARM_CONFIG_FILE ({path}): invalid service {raw!r}: {e}") from None
+        lines = _read_service_file(path)
+        if len(lines) == 1 and len(lines[0][1].split()) == 1:
+            # The seed's file: one service, every request, the settings' own options.
+            raw = lines[0][1]
+            try:
+                values["service"] = parse_service(raw)
+            except ValueError as e:
+                raise ConfigError(f"SWARM_CONFIG_FILE ({path}): invalid service {raw!r}: {e}") from None
+        else:
+            services = parse_service_lines(lines, path)
+            values["service"] = services[0].service
+            values["services"] = services
     settings = Settings(**values)
     _check_consistency(settings)
+    for one in service_settings(settings) if settings.services else ():
+        try:
+            _check_consistency(one)
+        except ConfigError as e:
+            line = next(s for s in settings.services if s.name == one.service_name)
+            raise ConfigError(f"SWARM_CONFIG_FILE ({settings.config_file}) line {line.line} "
+                              f"(service {one.service_name}): {e}") from None
+    _check_services(settings)
     return settings
+
+
+def service_settings(settings: Settings) -> tuple[Settings, ...]:
+    """The settings of each service: `(settings,)` for one service (the seed's file, SWARM_SERVICE);
+    with several services in SWARM_CONFIG_FILE, one `Settings` per line, each with its own name,
+    backend (`be_<name>`), map files, sticky key chain, cookie (`<STICKY_COOKIE>_<name>` unless the
+    line names one; its Path is the route's path) and check path, and its own SPOP port: the n-th
+    service (from 0) listens on AGENT_LISTEN's port + n."""
+    if not settings.services:
+        return (settings,)
+    out = []
+    for n, line in enumerate(settings.services):
+        cookie = line.sticky_cookie or f"{settings.sticky_cookie}_{line.name}"
+        out.append(replace(
+            settings,
+            service=line.service,
+            services=(),
+            service_name=line.name,
+            service_path=line.route.path if line.route is not None else "",
+            sticky_key=_own_cookie(line.sticky_key if line.sticky_key is not None else settings.sticky_key,
+                                   settings.sticky_cookie, cookie),
+            sticky_cookie=cookie,
+            check_path=line.check_path if line.check_path is not None else settings.check_path,
+            haproxy_backend=f"be_{line.name}",
+            haproxy_socket=settings.admin_socket,
+            listen=HostPort(settings.listen.host, settings.listen.port + n),
+        ))
+    return tuple(out)
+
+
+def _own_cookie(chain: tuple[KeySource, ...], shared: str, own: str) -> tuple[KeySource, ...]:
+    """The chain with `cookie:<STICKY_COOKIE>` (the sticky cookie, as STICKY_KEY names it) read as
+    the service's own sticky cookie."""
+    return tuple(KeySource("cookie", own) if s == KeySource("cookie", shared) else s for s in chain)
+
+
+def _check_services(settings: Settings) -> None:
+    """Several services: their SPOP ports fit and stay clear of METRICS_LISTEN; every sticky chain
+    that names the default cookie name (STICKY_KEY's cookie:SWARMID) is rewritten to the service's
+    own cookie, so no two services share one."""
+    if not settings.services:
+        return
+    last = settings.listen.port + len(settings.services) - 1
+    if last > 65535:
+        raise ConfigError(f"AGENT_LISTEN ({settings.listen}): {len(settings.services)} services need ports "
+                          f"{settings.listen.port}-{last}")
+    if settings.listen.port <= settings.metrics_listen.port <= last:
+        raise ConfigError(f"METRICS_LISTEN ({settings.metrics_listen}) is inside the SPOP ports "
+                          f"{settings.listen.port}-{last} of the {len(settings.services)} services (one per service)")
+    cookies: dict[str, str] = {}
+    for one in service_settings(settings):
+        other = cookies.get(one.sticky_cookie)
+        if other is not None:
+            raise ConfigError(f"SWARM_CONFIG_FILE ({settings.config_file}): services {other} and "
+                              f"{one.service_name} both use the sticky cookie {one.sticky_cookie!r}; "
+                              "give one of them cookie=...")
+        cookies[one.sticky_cookie] = one.service_name
 
 
 def _check_consistency(s: Settings) -> None:
@@ -511,6 +731,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as environment variables, so a child process (`run` → agent) gets the same ones."""
     env: dict[str, str] = {}
     for opt in OPTIONS:
+        if opt.attr == "service" and settings.services:
+            continue  # several services: the child reads them from SWARM_CONFIG_FILE as we did
         value = getattr(settings, opt.attr)
         if isinstance(value, tuple):
             text = ",".join(str(v) for v in value)
@@ -532,6 +754,8 @@ __all__ = [
     "ConfigError",
     "HostPort",
     "KeySource",
+    "Route",
+    "ServiceLine",
     "ServiceSpec",
     "Settings",
     "add_arguments",
@@ -539,7 +763,9 @@ __all__ = [
     "parse_host_port",
     "parse_service",
     "parse_sticky_key",
+    "service_settings",
     "settings_env",
     "settings_table",
 ]
-assert {f.name for f in fields(Settings)} == {o.attr for o in OPTIONS}
+DERIVED = frozenset({"services", "service_name", "service_path"})
+assert {f.name for f in fields(Settings)} == {o.attr for o in OPTIONS} | DERIVED
