@@ -23,7 +23,7 @@ RUN python3 -m venv /opt/haproxy-swarm \
     && /opt/haproxy-swarm/bin/pip install --no-cache-dir --no-deps --no-build-isolation /src \
     && /opt/haproxy-swarm/bin/pip check \
     && rm -rf /src
-COPY haproxy.cfg spoe.conf /etc/haproxy-swarm/
+COPY haproxy.cfg spoe.conf ondemand.conf /etc/haproxy-swarm/
 COPY maps /etc/haproxy-swarm/maps
 RUN mkdir -p /var/run/haproxy-swarm && chown haproxy:haproxy /var/run/haproxy-swarm
 # The build fails on a config this image's HAProxy rejects (defaults from the config's presetenv lines,

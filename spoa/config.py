@@ -112,6 +112,13 @@ class ServiceLine:
     sticky_key: tuple[KeySource, ...] | None = None  # None: STICKY_KEY
     sticky_cookie: str | None = None  # None: <STICKY_COOKIE>_<name>
     check_path: str | None = None  # None: CHECK_PATH
+    # A pattern (`*.apps.example.com tasks.{1}:80`): the services it finds on demand at most; 0: a
+    # service of its own. `service.name` then holds `{1}`, the label the Host has in the wildcard's place.
+    on_demand: int = 0
+
+    def target_for(self, label: str) -> ServiceSpec:
+        """The service a pattern finds for the Host label `label` (`shop` -> `tasks.shop:80`)."""
+        return replace(self.service, name=self.service.name.replace(PATTERN_LABEL, label))
 
 
 # --------------------------------------------------------------------------- parsers
@@ -289,6 +296,9 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     decide: str = "table"
+    ondemand_miss_ttl: float = 30.0
+    ondemand_lookups: float = 5.0
+    ondemand_forget: float = 300.0
     # Not settings of their own: several services in SWARM_CONFIG_FILE (load_settings), and what
     # service_settings derives for each of them.
     services: tuple[ServiceLine, ...] = ()
@@ -481,6 +491,13 @@ OPTIONS: tuple[Option, ...] = (
            "who decides: table = HAProxy from the table the agent publishes, the agent over SPOE only "
            "where the table cannot; agent = every request the cookie map does not decide asks the agent",
            "table"),
+    Option("ondemand_miss_ttl", "ONDEMAND_MISS_TTL", "--ondemand-miss-ttl", parse_seconds,
+           "seconds a Host a pattern matches but whose service does not resolve gets a 404 without a new "
+           "look-up", "30"),
+    Option("ondemand_lookups", "ONDEMAND_LOOKUPS", "--ondemand-lookups", parse_seconds,
+           "DNS look-ups per second at most for Hosts a pattern matches (a burst of as many)", "5"),
+    Option("ondemand_forget", "ONDEMAND_FORGET", "--ondemand-forget", parse_seconds,
+           "seconds a service found on demand may have no members before it is forgotten", "300"),
 )
 
 
@@ -494,7 +511,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _ROUTE_HOST = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*$")
 _ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+$")
-LINE_OPTIONS = ("name", "key", "cookie", "check")
+LINE_OPTIONS = ("name", "key", "cookie", "check", "max")
+# In a pattern's target, the Host's label in the wildcard's place; what it may be (one DNS label).
+PATTERN_LABEL = "{1}"
+LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+DEFAULT_ON_DEMAND = 8  # services a pattern finds at most, unless its line says max=
+MAX_ON_DEMAND = 64
 
 
 def _read_service_file(path: str) -> list[tuple[int, str]]:
@@ -553,7 +575,17 @@ def parse_service_line(number: int, text: str) -> ServiceLine:
             raise ValueError(f"{words[0]!r} is not a service (NAME:PORT or _svc._proto.NAME) and no service follows it")
         route = parse_route(words[0])
         words = words[1:]
-    service = parse_service(words[0])
+    pattern = PATTERN_LABEL in words[0]
+    if pattern:
+        if route is None or not route.host.startswith("*.") or route.path:
+            raise ValueError(f"{PATTERN_LABEL} in {words[0]!r} needs a route such as *.apps.example.com (a "
+                             "wildcard Host, no path): it is the Host's label in the wildcard's place")
+        if words[0].count(PATTERN_LABEL) != 1:
+            raise ValueError(f"{PATTERN_LABEL} may appear once in {words[0]!r}")
+        spec = parse_service(words[0].replace(PATTERN_LABEL, "x"))
+        service = replace(spec, name=(words[0] if spec.srv else words[0].rpartition(":")[0]).rstrip("."))
+    else:
+        service = parse_service(words[0])
     options: dict[str, str] = {}
     for word in words[1:]:
         key, sep, value = word.partition("=")
@@ -562,7 +594,19 @@ def parse_service_line(number: int, text: str) -> ServiceLine:
         if key in options:
             raise ValueError(f"option {key}= given twice")
         options[key] = value
-    name = options.get("name") or default_service_name(service)
+    if "max" in options and not pattern:
+        raise ValueError(f"max= is for a pattern (a target with {PATTERN_LABEL}), not {words[0]!r}")
+    on_demand = 0
+    if pattern:
+        raw = options.get("max", str(DEFAULT_ON_DEMAND))
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_ON_DEMAND:
+            raise ValueError(f"max={raw}: expected 1-{MAX_ON_DEMAND} services found on demand")
+        on_demand = int(raw)
+    if pattern and route is not None:
+        derived = default_service_name(ServiceSpec(route.host[2:], 1))
+    else:
+        derived = default_service_name(service)
+    name = options.get("name") or derived
     if not _NAME.match(name):
         raise ValueError(f"name={name!r}: expected 1-32 of a-z, 0-9, '_' and '-', starting with a letter or digit")
     try:
@@ -578,7 +622,7 @@ def parse_service_line(number: int, text: str) -> ServiceLine:
             parse_path_or_empty(check)
         except ValueError as e:
             raise ValueError(f"check={check}: {e}") from None
-    return ServiceLine(number, route, service, name, chain, cookie, check)
+    return ServiceLine(number, route, service, name, chain, cookie, check, on_demand)
 
 
 def parse_service_lines(lines: Sequence[tuple[int, str]], path: str) -> tuple[ServiceLine, ...]:
@@ -655,24 +699,49 @@ def service_settings(settings: Settings) -> tuple[Settings, ...]:
     service (from 0) listens on AGENT_LISTEN's port + n."""
     if not settings.services:
         return (settings,)
+    return tuple(_derive(settings, line, line.name, n)
+                 for n, line in enumerate(line for line in settings.services if not line.on_demand))
+
+
+def ondemand_slots(settings: Settings) -> tuple[tuple[ServiceLine, tuple[Settings, ...]], ...]:
+    """Each pattern line with the settings of its `max` slots: `<name>_<n>` (n from 1), backend
+    `be_<name>_<n>`, their SPOP ports after the services of their own. A slot's `service` is the
+    pattern's target until the agent gives the slot a service it found (`ServiceLine.target_for`)."""
     out = []
-    for n, line in enumerate(settings.services):
-        cookie = line.sticky_cookie or f"{settings.sticky_cookie}_{line.name}"
-        out.append(replace(
+    port = len(service_settings(settings)) if settings.services else 0
+    for line in settings.services:
+        if line.on_demand:
+            slots = tuple(_derive(settings, line, f"{line.name}_{n}", port + n - 1)
+                          for n in range(1, line.on_demand + 1))
+            port += line.on_demand
+            out.append((line, slots))
+    return tuple(out)
+
+
+def ondemand_listen(settings: Settings) -> HostPort:
+    """Where the agent answers fe_main's look-ups of Hosts a pattern matches: the port after every
+    service's and slot's own."""
+    used = len(service_settings(settings)) + sum(line.on_demand for line in settings.services)
+    return HostPort(settings.listen.host, settings.listen.port + used)
+
+
+def _derive(settings: Settings, line: ServiceLine, name: str, n: int) -> Settings:
+    """The settings of one service (or slot) `name` of `line`, on AGENT_LISTEN's port + n."""
+    cookie = line.sticky_cookie or f"{settings.sticky_cookie}_{line.name}"
+    return (replace(
             settings,
             service=line.service,
             services=(),
-            service_name=line.name,
+            service_name=name,
             service_path=line.route.path if line.route is not None else "",
             sticky_key=_own_cookie(line.sticky_key if line.sticky_key is not None else settings.sticky_key,
                                    settings.sticky_cookie, cookie),
             sticky_cookie=cookie,
             check_path=line.check_path if line.check_path is not None else settings.check_path,
-            haproxy_backend=f"be_{line.name}",
+            haproxy_backend=f"be_{name}",
             haproxy_socket=settings.admin_socket,
             listen=HostPort(settings.listen.host, settings.listen.port + n),
         ))
-    return tuple(out)
 
 
 def _own_cookie(chain: tuple[KeySource, ...], shared: str, own: str) -> tuple[KeySource, ...]:
@@ -687,15 +756,15 @@ def _check_services(settings: Settings) -> None:
     own cookie, so no two services share one."""
     if not settings.services:
         return
-    last = settings.listen.port + len(settings.services) - 1
+    last = ondemand_listen(settings).port
     if last > 65535:
-        raise ConfigError(f"AGENT_LISTEN ({settings.listen}): {len(settings.services)} services need ports "
-                          f"{settings.listen.port}-{last}")
+        raise ConfigError(f"AGENT_LISTEN ({settings.listen}): the services need ports {settings.listen.port}-{last}")
     if settings.listen.port <= settings.metrics_listen.port <= last:
         raise ConfigError(f"METRICS_LISTEN ({settings.metrics_listen}) is inside the SPOP ports "
-                          f"{settings.listen.port}-{last} of the {len(settings.services)} services (one per service)")
+                          f"{settings.listen.port}-{last} of the services (one per service, one per service "
+                          "a pattern may find, one for look-ups)")
     cookies: dict[str, str] = {}
-    for one in service_settings(settings):
+    for one in service_settings(settings) + tuple(slots[0] for _, slots in ondemand_slots(settings)):
         other = cookies.get(one.sticky_cookie)
         if other is not None:
             raise ConfigError(f"SWARM_CONFIG_FILE ({settings.config_file}): services {other} and "
@@ -760,6 +829,8 @@ __all__ = [
     "Settings",
     "add_arguments",
     "load_settings",
+    "ondemand_listen",
+    "ondemand_slots",
     "parse_host_port",
     "parse_service",
     "parse_sticky_key",

@@ -20,7 +20,15 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from spoa.config import ConfigError, HostPort, Settings, service_settings, settings_env
+from spoa.config import (
+    ConfigError,
+    HostPort,
+    Settings,
+    ondemand_listen,
+    ondemand_slots,
+    service_settings,
+    settings_env,
+)
 from spoa.haproxy import template
 from spoa.haproxy.process import HAProxyError, HAProxyProcess, shipped_config, show_info
 
@@ -47,6 +55,8 @@ class Supervisor:
             # SERVICES_MAP is in HAProxy's environment from the start, so a reload keeps it.
             services_config, services_map = self._write_services(settings)
             env["SERVICES_MAP"] = services_map
+            env["ONDEMAND_MAP"] = template.ondemand_map(settings)
+            env["ONDEMAND_ADDR"] = str(ondemand_listen(settings))
             extra.append(services_config)
         self.env = env
         self.haproxy = HAProxyProcess(env, config=settings.haproxy_config or shipped_config(),
@@ -104,8 +114,9 @@ class Supervisor:
         config = Path(settings.haproxy_config or shipped_config())
         spoe = Path(config.parent, "spoe.conf").read_text(encoding="utf-8")
         services = service_settings(settings)
-        rendered = template.render(config.read_text(encoding="utf-8"), spoe, settings, services)
-        return template.write(rendered, settings, services)
+        slots = [one for _, slots in ondemand_slots(settings) for one in slots]
+        rendered = template.render(config.read_text(encoding="utf-8"), spoe, settings, services, slots)
+        return template.write(rendered, settings, [*services, *slots])
 
     def _services_changed(self) -> bool:
         """SWARM_CONFIG_FILE changed since it was last read (checked once a second)."""

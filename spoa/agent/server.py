@@ -8,6 +8,9 @@ log or allocate more than needed on the per-request path, or hold global state.
 
 The handler is synchronous, so every NOTIFY decoded from a read is answered before the next read:
 nothing is ever in flight between reads, and graceful shutdown only has to send AGENT-DISCONNECT.
+A server made with a `deferred` handler instead (the look-ups of services found on demand, which
+wait for DNS and HAProxy) answers each NOTIFY when its coroutine returns, in any order, on the
+connection it came from, as SPOP allows; never on the routing path.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from spoa.agent.handler import Handler
@@ -26,6 +29,7 @@ from spoa.protocol import (
     Disconnected,
     FrameType,
     Hello,
+    Message,
     Notify,
     Scope,
     State,
@@ -161,6 +165,9 @@ class _SpopProtocol(asyncio.Protocol):
         conn = self.conn
         assert conn is not None
         server = self.server
+        if server.deferred is not None:
+            self._defer(events)
+            return
         handler = server.handler
         ack = conn.ack_ids
         append = out.append
@@ -188,6 +195,27 @@ class _SpopProtocol(asyncio.Protocol):
         if notifies:
             observer.decision_batch(_clock() - started, notifies)
             observer.frames_received(FrameType.NOTIFY, notifies)
+
+    def _defer(self, events: list[Notify | Hello | Disconnected]) -> None:
+        """A `deferred` server: one task per NOTIFY, whose ACK is written when it is done."""
+        server = self.server
+        assert server.deferred is not None
+        for event in events:
+            if type(event) is Notify:
+                task = server.loop.create_task(self._ack_later(event, server.deferred(event.messages)))
+                server.pending.add(task)
+                task.add_done_callback(server.pending.discard)
+
+    async def _ack_later(self, event: Notify, answer: Awaitable[bytes]) -> None:
+        conn = self.conn
+        assert conn is not None
+        try:
+            frame = conn.ack_ids(event.ids, await answer)
+        except Exception as exc:
+            frame = self.server.failed_ack(conn, event, exc)
+        transport = self.transport
+        if transport is not None and not transport.is_closing() and conn.state is not State.CLOSED:
+            transport.write(frame)
 
     def _answer_and_close(self, events: list[Notify | Hello | Disconnected]) -> None:
         """The read left the connection CLOSED: ACK what was decoded, then the closing frame."""
@@ -265,13 +293,15 @@ class AgentServer:
                  error_actions: bytes = DEFAULT_ERROR_ACTIONS,
                  observer: AgentObserver | None = None,
                  shutdown_timeout: float = 5.0,
-                 backlog: int = 1024) -> None:
+                 backlog: int = 1024,
+                 deferred: Callable[[list[Message]], Awaitable[bytes]] | None = None) -> None:
         """`max_connections`: when a new connection would exceed it, the least recently active
         idle connection is closed (or, if none is idle, the new one is refused).
         `read_timeout`: seconds allowed for the HELLO and for the rest of a partial frame.
         `max_frame_size`: ours, offered in the HELLO negotiation (HAProxy's default is 16380).
         `error_actions`: the ACK payload when the handler fails (must be non-empty).
-        `shutdown_timeout`: seconds `wait_closed` gives connections to flush before aborting them."""
+        `shutdown_timeout`: seconds `wait_closed` gives connections to flush before aborting them.
+        `deferred`: answer each NOTIFY with this coroutine's result instead of `handler`'s."""
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         if not error_actions:
@@ -285,6 +315,8 @@ class AgentServer:
         self.observer = observer
         self.shutdown_timeout = shutdown_timeout
         self.backlog = backlog
+        self.deferred = deferred
+        self.pending: set[asyncio.Task[None]] = set()  # deferred answers not written yet
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._protocols: dict[_SpopProtocol, None] = {}
@@ -338,6 +370,8 @@ class AgentServer:
             self._close_requested.set()
         if self._server is not None:
             self._server.close()
+        for task in list(self.pending):
+            task.cancel()
         for protocol in list(self._protocols):
             protocol.shut(Status.NORMAL, "agent shutting down")
 

@@ -27,6 +27,7 @@ _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 SERVICES_CONFIG = "services.cfg"
 SERVICES_MAP = "services.map"
+ONDEMAND_MAP = "ondemand.map"
 
 
 def section(config: str, header: str) -> str:
@@ -56,11 +57,15 @@ def backend_names(service: Settings) -> tuple[str, str]:
     return service.haproxy_backend, f"{service.haproxy_backend}_agent"
 
 
-def service_values(service: Settings, spoe_conf: str) -> dict[str, str]:
-    """What the service's copy of be_app, be_agent and spoe.conf read instead of the environment."""
+def service_values(service: Settings, spoe_conf: str, slot: bool = False) -> dict[str, str]:
+    """What the service's copy of be_app, be_agent and spoe.conf read instead of the environment.
+    A pattern's slot has no DNS fallback (its service is known only once the agent found it)."""
     agent_backend = backend_names(service)[1]
-    return service.haproxy_env() | {"SERVICE_NAME": service.service_name, "SPOE_CONF": spoe_conf,
-                                    "AGENT_BACKEND": agent_backend}
+    values = service.haproxy_env() | {"SERVICE_NAME": service.service_name, "SPOE_CONF": spoe_conf,
+                                      "AGENT_BACKEND": agent_backend}
+    if slot:
+        values["SWARM_DNS_TARGET"] = "-"
+    return values
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,29 +75,39 @@ class Rendered:
     services_map: str  # `<route regex> <backend>` lines, most specific route first
 
 
-def render(config: str, spoe_conf: str, main: Settings, services: Sequence[Settings]) -> Rendered:
-    """The copies for `services` (service_settings(main)), from the shipped config and spoe.conf."""
+def render(config: str, spoe_conf: str, main: Settings, services: Sequence[Settings],
+           slots: Sequence[Settings] = ()) -> Rendered:
+    """The copies for `services` (service_settings(main)) and the patterns' `slots`
+    (ondemand_slots(main)), from the shipped config and spoe.conf."""
     backend, agent = section(config, "backend be_app"), section(config, "backend be_agent")
     out = [f"# Written by haproxy-swarm from {main.config_file} and the shipped haproxy.cfg; do not edit.\n"]
     spoe: dict[str, str] = {}
-    for one in services:
+    for one in [*services, *slots]:
         spoe_path = os.path.join(main.run_dir, f"{one.service_name}.spoe.conf")
-        values = service_values(one, spoe_path)
+        values = service_values(one, spoe_path, slot=one in slots)
         be, be_agent = backend_names(one)
         out.append(substitute(backend, values).replace("backend be_app\n", f"backend {be}\n", 1))
         out.append(substitute(agent, values).replace("backend be_agent\n", f"backend {be_agent}\n", 1))
         spoe[spoe_path] = substitute(spoe_conf, values)
     # HAProxy takes the first regular expression that matches: the most specific route first, the
     # default service (no route: `^` matches anything) last.
-    routes = {line.name: line.route for line in main.services}
-    entries = sorted(((r.rank, r.regex()) if (r := routes[one.service_name]) else ((9, 0, 0), "^"),
-                      one.haproxy_backend) for one in services)
+    # HAProxy takes the first regular expression that matches: the most specific route first, the
+    # default service (no route: `^` matches anything) last. A pattern's value is `@<name>`: fe_main
+    # then looks the Host up in the on-demand map, or asks the agent.
+    backends = {line.name: f"@{line.name}" if line.on_demand else f"be_{line.name}" for line in main.services}
+    entries = sorted(((line.route.rank, line.route.regex()) if line.route else ((9, 0, 0), "^"), backends[line.name])
+                     for line in main.services)
     return Rendered("\n".join(out), spoe, "".join(f"{regex} {be}\n" for (_, regex), be in entries))
 
 
+def ondemand_map(main: Settings) -> str:
+    """Host -> backend of the slot the agent gave the service it found for that Host."""
+    return os.path.join(main.run_dir, ONDEMAND_MAP)
+
+
 def write(rendered: Rendered, main: Settings, services: Sequence[Settings]) -> tuple[str, str]:
-    """Write the files into RUN_DIR (each atomically) and create the services' empty maps; returns
-    (services.cfg path, services.map path)."""
+    """Write the files into RUN_DIR (each atomically) and create the services' (and slots') empty
+    maps and the on-demand map; returns (services.cfg path, services.map path)."""
     os.makedirs(main.run_dir, exist_ok=True)
     config_path = os.path.join(main.run_dir, SERVICES_CONFIG)
     map_path = os.path.join(main.run_dir, SERVICES_MAP)
@@ -102,7 +117,7 @@ def write(rendered: Rendered, main: Settings, services: Sequence[Settings]) -> t
         Path(tmp).write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     for one in services:
-        for path in (one.cookie_map, one.slot_map, one.server_cookie_map):
+        for path in (one.cookie_map, one.slot_map, one.server_cookie_map, ondemand_map(main)):
             if not os.path.exists(path):
                 Path(path).touch()
     return config_path, map_path

@@ -1,0 +1,329 @@
+"""Services found on demand: a pattern such as `*.apps.example.com tasks.{1}:80` in SWARM_CONFIG_FILE.
+
+Owns: answering fe_main's look-up of a Host the pattern matches and HAProxy's on-demand map does
+not hold yet (ondemand.conf: one NOTIFY, answered when done): the Host's label names the service
+(`shop.apps.example.com` -> `tasks.shop:80`); if DNS lists members for it and the pattern has a free
+slot, the slot's `Agent` gets that service (its own discovery, servers in the slot's backend,
+decision table), and once it is ready - members UP, table published - the Host is added to the map
+and the slot's backend is the answer. Every later request is decided by HAProxy alone. A service
+with no members for ONDEMAND_FORGET seconds is forgotten: its Host leaves the map, its slot is free.
+
+Bounded, whatever Hosts clients send: only a Host that matches a pattern, with one DNS label in the
+wildcard's place, is ever looked up; at most ONDEMAND_LOOKUPS DNS look-ups per second (a token
+bucket), at most MAX_IN_FLIGHT at once; a Host that did not resolve answers 404 from a bounded
+cache for ONDEMAND_MISS_TTL seconds; a pattern finds `max=` services at most. So random Hosts grow
+neither memory, nor HAProxy's servers, nor DNS traffic beyond those limits (tests/test_ondemand.py).
+Must not: route anything itself, or answer a backend that is not a slot's it gave this very Host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cachetools import TTLCache
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from spoa.agent import AgentServer
+from spoa.config import LABEL, Route, ServiceLine, Settings, ondemand_listen, ondemand_slots
+from spoa.haproxy.runtime import RuntimeAPI
+from spoa.haproxy.template import ondemand_map
+from spoa.protocol import Message, Scope, encode_set_var
+
+if TYPE_CHECKING:
+    from spoa.app import Agent
+
+log = logging.getLogger("spoa.ondemand")
+
+MAX_MISSES = 10_000  # Hosts remembered as not resolving (beyond: the oldest are dropped first)
+MAX_IN_FLIGHT = 32  # look-ups waiting for DNS or a slot's readiness at once
+READY_TIMEOUT = 4.0  # a found service's first members UP and table published (ondemand.conf: 5 s)
+FORGET_INTERVAL = 1.0
+
+NOT_FOUND = encode_set_var(Scope.TRANSACTION, "backend", "none")
+OUTCOMES = ("found", "known", "missing", "cached", "limited", "full", "busy", "unready", "invalid")
+PREFIX = "haproxy_swarm_"
+
+
+@dataclass
+class Slot:
+    """One of a pattern's `max` backends (be_<pattern>_<n>), free or holding one service."""
+
+    settings: Settings  # the slot's own: backend, maps, SPOP port; `service` is the pattern's target
+    agent: Agent | None = None
+    host: str = ""
+    empty_since: float | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.settings.haproxy_backend
+
+
+@dataclass
+class Pattern:
+    line: ServiceLine
+    slots: list[Slot]
+    suffix: str = field(init=False)  # `.apps.example.com`
+
+    def __post_init__(self) -> None:
+        assert isinstance(self.line.route, Route) and self.line.route.host.startswith("*.")
+        self.suffix = self.line.route.host[1:]
+
+    def label(self, host: str) -> str | None:
+        """The Host's label in the wildcard's place, if the Host is exactly one label + suffix."""
+        if not host.endswith(self.suffix):
+            return None
+        label = host[:-len(self.suffix)]
+        return label if LABEL.match(label) else None
+
+
+class OnDemand:
+    """The look-ups of every pattern of SWARM_CONFIG_FILE, and the slots they fill."""
+
+    def __init__(self, settings: Settings, *, make_agent: Callable[[Settings], Agent],
+                 start: Callable[[Agent], Awaitable[None]], stop: Callable[[Agent], Awaitable[None]],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`make_agent(settings)`: an Agent for a slot given its service; `start`/`stop`: run its SPOP
+        server and control loop (`spoa.app.Agents`), or stop them."""
+        self.settings = settings
+        self.patterns = [Pattern(line, [Slot(one) for one in slots]) for line, slots in ondemand_slots(settings)]
+        self.make_agent = make_agent
+        self.start_agent = start
+        self.stop_agent = stop
+        self.clock = clock
+        self.map_path = ondemand_map(settings)
+        self.api = RuntimeAPI(settings.admin_socket)
+        self.hosts: dict[str, Slot] = {}
+        self.misses: TTLCache[str, bool] = TTLCache(MAX_MISSES, settings.ondemand_miss_ttl, timer=clock)
+        self.outcomes: Counter[str] = Counter()
+        self._rate = settings.ondemand_lookups
+        self._tokens = self._rate
+        self._refilled = clock()
+        self._in_flight: dict[str, asyncio.Task[str | None]] = {}
+        self.server = AgentServer(ondemand_listen(settings), _no_sync_answer, deferred=self.answer,
+                                  max_connections=settings.max_connections)
+        self._forgetting: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ the look-up (fe_main)
+
+    async def answer(self, messages: list[Message]) -> bytes:
+        host = next((m.args.get("host") for m in messages if m.name == "lookup"), None)
+        if isinstance(host, bytes):
+            host = host.decode("ascii", "replace")
+        backend = await self.lookup(host) if isinstance(host, str) else None
+        return encode_set_var(Scope.TRANSACTION, "backend", backend) if backend else NOT_FOUND
+
+    async def lookup(self, host: str) -> str | None:
+        """The backend of the slot serving `host`, finding its service first if need be; None: 404."""
+        host = host.lower().rstrip(".")
+        slot = self.hosts.get(host)
+        if slot is not None:
+            ready = slot.agent is not None and slot.agent.ready()[0]
+            self.outcomes["known" if ready else "unready"] += 1
+            return slot.backend if ready else None
+        if host in self.misses:
+            self.outcomes["cached"] += 1
+            return None
+        task = self._in_flight.get(host)
+        if task is None:
+            found = self._match(host)
+            if found is None:
+                self.outcomes["invalid"] += 1
+                return None
+            if len(self._in_flight) >= MAX_IN_FLIGHT:
+                self.outcomes["busy"] += 1
+                return None
+            if not self._take_token():
+                self.outcomes["limited"] += 1
+                return None
+            task = asyncio.get_running_loop().create_task(self._find(host, *found))
+            self._in_flight[host] = task
+            task.add_done_callback(lambda _: self._in_flight.pop(host, None))
+        return await asyncio.shield(task)
+
+    def _match(self, host: str) -> tuple[Pattern, str] | None:
+        for pattern in self.patterns:
+            label = pattern.label(host)
+            if label is not None:
+                return pattern, label
+        return None
+
+    def _take_token(self) -> bool:
+        now = self.clock()
+        self._tokens = min(self._rate, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    async def _find(self, host: str, pattern: Pattern, label: str) -> str | None:
+        slot = next((s for s in pattern.slots if s.agent is None), None)
+        if slot is None:
+            self.outcomes["full"] += 1
+            log.warning("%s: pattern %s has found %d services, its max=; %s gets a 404 (raise max= to serve it)",
+                        host, pattern.line.route, len(pattern.slots), host)
+            return None
+        service = pattern.line.target_for(label)
+        agent = self.make_agent(replace(slot.settings, service=service))
+        await agent.discovery.refresh(asyncio.get_running_loop().time())
+        if not agent.discovery.members:
+            self.outcomes["missing"] += 1
+            self.misses[host] = True
+            log.info("%s: %s has no members (%s); answering 404 for %gs", host, service,
+                     agent.discovery.last_error or "no records", self.settings.ondemand_miss_ttl)
+            return None
+        slot.agent, slot.host, slot.empty_since = agent, host, None
+        self.hosts[host] = slot
+        log.info("%s: found %s with %d members; serving it from %s", host, service,
+                 len(agent.discovery.members), slot.backend)
+        await self.start_agent(agent)
+        deadline = self.clock() + READY_TIMEOUT
+        while not agent.ready()[0]:
+            if self.clock() > deadline:
+                self.outcomes["unready"] += 1
+                log.warning("%s: %s not ready within %gs (%s); asked again on the next request",
+                            host, slot.backend, READY_TIMEOUT, agent.ready()[1])
+                return None
+            await asyncio.sleep(0.05)
+        await self._publish(host, slot.backend)
+        self.outcomes["found"] += 1
+        return slot.backend
+
+    # ------------------------------------------------------------------ the on-demand map
+
+    async def _publish(self, host: str, backend: str) -> None:
+        """Add `host -> backend` to HAProxy's on-demand map, and write the file (a reload keeps it)."""
+        await self.api.command(f"add map {self.map_path} {host} {backend}")
+        self._write_map()
+
+    def _write_map(self) -> None:
+        lines = "".join(f"{host} {slot.backend}\n" for host, slot in sorted(self.hosts.items())
+                        if slot.agent is not None)
+        tmp = f"{self.map_path}.tmp"
+        Path(tmp).write_text(lines, encoding="utf-8")
+        os.replace(tmp, self.map_path)
+
+    async def adopt(self) -> None:
+        """At start: the services found before (the map file HAProxy loaded) keep their slots."""
+        try:
+            text = Path(self.map_path).read_text(encoding="utf-8")
+        except OSError:
+            return
+        slots = {slot.backend: (pattern, slot) for pattern in self.patterns for slot in pattern.slots}
+        for line in text.splitlines():
+            host, _, backend = line.partition(" ")
+            found = slots.get(backend.strip())
+            label = found[0].label(host) if found else None
+            if found is None or label is None or found[1].agent is not None:
+                continue
+            pattern, slot = found
+            slot.agent = self.make_agent(replace(slot.settings, service=pattern.line.target_for(label)))
+            slot.host = host
+            self.hosts[host] = slot
+            await self.start_agent(slot.agent)
+            log.info("%s: %s again (found before the restart), in %s", host, slot.agent.settings.service, backend)
+
+    # ------------------------------------------------------------------ forgetting
+
+    async def forget_idle(self) -> None:
+        """Forget the services that have had no members for ONDEMAND_FORGET seconds."""
+        now = self.clock()
+        for host, slot in list(self.hosts.items()):
+            agent = slot.agent
+            if agent is None:
+                continue
+            if agent.discovery.members:
+                slot.empty_since = None
+                continue
+            if slot.empty_since is None:
+                slot.empty_since = now
+            elif now - slot.empty_since >= self.settings.ondemand_forget:
+                await self.release(host)
+
+    async def release(self, host: str) -> None:
+        slot = self.hosts.pop(host)
+        agent, slot.agent, slot.host, slot.empty_since = slot.agent, None, "", None
+        self._write_map()
+        with contextlib.suppress(Exception):  # HAProxy away: the file no longer holds it either
+            await self.api.command(f"del map {self.map_path} {host}", check=False)
+        if agent is not None:
+            await self.stop_agent(agent)
+            for member in await agent.writer.held() or ():
+                for command in (f"disable server {slot.backend}/{member.server_name}",
+                                f"shutdown sessions server {slot.backend}/{member.server_name}",
+                                f"del server {slot.backend}/{member.server_name}"):
+                    with contextlib.suppress(Exception):
+                        await self.api.command(command, check=False)
+        for path in (slot.settings.slot_map, slot.settings.cookie_map, slot.settings.server_cookie_map):
+            with contextlib.suppress(Exception):
+                await self.api.command(f"clear map {path}", check=False)
+            with contextlib.suppress(OSError):
+                Path(path).write_text("")
+        log.info("%s: forgotten after %gs without members; %s is free", host, self.settings.ondemand_forget,
+                 slot.backend)
+
+    async def _forget_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FORGET_INTERVAL)
+            try:
+                await self.forget_idle()
+            except Exception:
+                log.exception("forgetting idle services failed; retrying")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def agents(self) -> list[Agent]:
+        return [slot.agent for pattern in self.patterns for slot in pattern.slots if slot.agent is not None]
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.adopt()
+        self._forgetting = asyncio.get_running_loop().create_task(self._forget_loop(), name="on-demand forget")
+
+    async def close(self) -> None:
+        self.server.close()
+        if self._forgetting is not None:
+            self._forgetting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._forgetting
+        for task in list(self._in_flight.values()):
+            task.cancel()
+
+    # ------------------------------------------------------------------ metrics
+
+    def collect(self) -> Iterator[Metric]:
+        lookups = CounterMetricFamily(PREFIX + "ondemand_lookups", "Look-ups of Hosts a pattern matches that "
+                                      "HAProxy's on-demand map did not hold, by outcome: found (a service, now in a "
+                                      "slot), known, missing (no members in DNS), cached (missing a moment ago), "
+                                      "limited (ONDEMAND_LOOKUPS), full (the pattern's max=), busy, unready, invalid "
+                                      "(no pattern's shape).", labels=["outcome"])
+        for outcome in OUTCOMES:
+            lookups.add_metric([outcome], self.outcomes.get(outcome, 0))
+        yield lookups
+        services = GaugeMetricFamily(PREFIX + "ondemand_services", "Services found on demand now, and the "
+                                     "pattern's max=.", labels=["pattern", "state"])
+        for pattern in self.patterns:
+            route = str(pattern.line.route)
+            services.add_metric([route, "found"], sum(1 for s in pattern.slots if s.agent is not None))
+            services.add_metric([route, "max"], len(pattern.slots))
+        yield services
+        misses = GaugeMetricFamily(PREFIX + "ondemand_misses", "Hosts remembered as not resolving (bounded).")
+        misses.add_metric([], len(self.misses))
+        yield misses
+
+
+def _no_sync_answer(messages: list[Message]) -> bytes:
+    raise AssertionError("the on-demand server answers through its deferred handler")
+
+
+__all__ = ["OnDemand", "Pattern", "Slot"]
