@@ -15,6 +15,7 @@ import argparse
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -201,6 +202,42 @@ def parse_path_or_empty(text: str) -> str:
     return text
 
 
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 1 or 0 (true/false, yes/no, on/off), got {text!r}")
+
+
+def parse_tls_cert(text: str) -> str:
+    """A PEM file holding the certificate (chain) and its private key, as HAProxy's `crt` takes it;
+    "" = no HTTPS. Checked here, before HAProxy starts, so a missing or bad file stops the start
+    with a message that names the setting (HAProxy's own error names only its config line)."""
+    text = text.strip()
+    if not text:
+        return ""
+    if not text.startswith("/") or any(c.isspace() or c == '"' for c in text):
+        raise ValueError(f"expected an absolute path without spaces or quotes, got {text!r}")
+    try:
+        with open(text, "rb") as f:
+            pem = f.read(1 << 20)
+    except OSError as e:
+        raise ValueError(f"cannot read it: {e.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ValueError("no PEM certificate in it (expected '-----BEGIN CERTIFICATE-----')")
+    if b"PRIVATE KEY-----" not in pem:
+        raise ValueError("no private key in it: HAProxy needs the certificate and its key in one PEM file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # The password callback answers an encrypted key with a failure instead of a prompt.
+        context.load_cert_chain(text, password=lambda: b"")
+    except ssl.SSLError as e:
+        raise ValueError(f"not a usable certificate and key: {e.reason or e}") from None
+    return text
+
+
 def nameserver_from_resolv_conf(path: str = "/etc/resolv.conf") -> HostPort:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -244,6 +281,10 @@ class Settings:
     log_level: str = "info"
     log_format: str = "text"
     decide: str = "table"
+    tls_cert: str = ""  # "" → no HTTPS bind
+    https_bind: HostPort = HostPort("0.0.0.0", 8443)
+    https_redirect: bool = False
+    https_redirect_port: int = 443
 
     @property
     def admin_socket(self) -> str:
@@ -322,6 +363,10 @@ class Settings:
             "SLOT_MAP": self.slot_map,
             "SERVER_COOKIE_MAP": self.server_cookie_map,
             "COOKIE_ATTRS": self.cookie_attributes,
+            "TLS_CERT": self.tls_cert,
+            "HTTPS_BIND": str(self.https_bind),
+            "HTTPS_REDIRECT": "1" if self.https_redirect else "0",
+            "HTTPS_REDIRECT_PORT": str(self.https_redirect_port),
             **self.chain_env(),
         }
         # The SPOE message has one slot per key kind; unused slots fetch a name nobody sends.
@@ -428,6 +473,18 @@ OPTIONS: tuple[Option, ...] = (
            "who decides: table = HAProxy from the table the agent publishes, the agent over SPOE only "
            "where the table cannot; agent = every request the cookie map does not decide asks the agent",
            "table"),
+    Option("tls_cert", "TLS_CERT", "--tls-cert", parse_tls_cert,
+           "PEM file with the certificate (chain) and its private key, e.g. a Swarm secret at "
+           "/run/secrets/NAME; set: fe_main also serves HTTPS (HTTP/2 and HTTP/1.1) on HTTPS_BIND",
+           "(empty: no HTTPS)"),
+    Option("https_bind", "HTTPS_BIND", "--https-bind", _host_port(),
+           "HTTPS bind of fe_main (used only with TLS_CERT)", "*:8443"),
+    Option("https_redirect", "HTTPS_REDIRECT", "--https-redirect", parse_bool,
+           "1: fe_main answers plain HTTP with a redirect to HTTPS (301 for GET/HEAD, 308 otherwise); "
+           "needs TLS_CERT", "0"),
+    Option("https_redirect_port", "HTTPS_REDIRECT_PORT", "--https-redirect-port", parse_port,
+           "the HTTPS port clients reach (the published port, not HTTPS_BIND's) that redirects name; "
+           "443 is left out of the Location", "443"),
 )
 
 
@@ -503,6 +560,9 @@ def _check_consistency(s: Settings) -> None:
                     f"STICKY_KEY (--sticky-key): invalid value {','.join(map(str, s.sticky_key))!r}: with DECIDE=table "
                     f"HAProxy reads {source.name!r} in its config, where only letters, digits, '_', '.' and '-' "
                     "are safe; rename it or set DECIDE=agent")
+    if s.https_redirect and not s.tls_cert:
+        raise ConfigError("HTTPS_REDIRECT (--https-redirect) is on but TLS_CERT (--tls-cert) is empty: "
+                          "nothing would answer the HTTPS the redirects point to")
     if s.listen == s.metrics_listen:
         raise ConfigError(f"AGENT_LISTEN and METRICS_LISTEN are both {s.listen}")
 
