@@ -229,6 +229,8 @@ def parse_tls_cert(text: str) -> str:
         raise ValueError("no PEM certificate in it (expected '-----BEGIN CERTIFICATE-----')")
     if b"PRIVATE KEY-----" not in pem:
         raise ValueError("no private key in it: HAProxy needs the certificate and its key in one PEM file")
+    if b"ENCRYPTED" in pem:  # `-----BEGIN ENCRYPTED PRIVATE KEY-----`, or `Proc-Type: 4,ENCRYPTED`
+        raise ValueError("the private key is encrypted: HAProxy starts unattended and needs it unencrypted")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         # The password callback answers an encrypted key with a failure instead of a prompt.

@@ -297,6 +297,11 @@ def test_the_tls_settings_reach_haproxy_and_survive_the_environment(cert: Cert) 
 # --------------------------------------------------------------------------- a bad certificate
 
 
+REASONS = {"missing": "No such file", "a directory": "Is a directory", "not PEM": "no PEM certificate",
+           "no key": "no private key", "a key for another certificate": "not a usable certificate and key",
+           "an encrypted key": "the private key is encrypted"}
+
+
 def bad_certs(directory: Path, good: Cert) -> dict[str, str]:
     other = make_cert(directory, "other")
     cases = {
@@ -305,10 +310,15 @@ def bad_certs(directory: Path, good: Cert) -> dict[str, str]:
         "not PEM": str(directory / "garbage.pem"),
         "no key": good.cert,
         "a key for another certificate": str(directory / "mismatch.pem"),
+        "an encrypted key": str(directory / "encrypted.pem"),
     }
     Path(cases["not PEM"]).write_text("hello\n")
     Path(cases["a key for another certificate"]).write_bytes(
         Path(good.cert).read_bytes() + Path(other.key).read_bytes())
+    subprocess.run(["openssl", "pkey", "-in", good.key, "-aes256", "-passout", "pass:secret",
+                    "-out", str(directory / "encrypted.key")], check=True, capture_output=True, timeout=30)
+    Path(cases["an encrypted key"]).write_bytes(
+        Path(good.cert).read_bytes() + (directory / "encrypted.key").read_bytes())
     return cases
 
 
@@ -320,7 +330,7 @@ def test_a_bad_certificate_stops_run_at_start_naming_the_setting(cert: Cert) -> 
                 code, out, took = run_until_exit(run_env(run_dir, TLS_CERT=path, HTTPS_BIND=https), timeout=15)
                 assert processes_with(run_dir) == [], case
             assert code == 2, (case, out)
-            assert "TLS_CERT (--tls-cert)" in out and path in out, (case, out)
+            assert "TLS_CERT (--tls-cert)" in out and path in out and REASONS[case] in out, (case, out)
             assert took < 10, (case, took)
             host, _, port = https.rpartition(":")
             with pytest.raises(OSError):
