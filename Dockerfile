@@ -35,7 +35,8 @@ ENV PATH=/opt/haproxy-swarm/bin:$PATH \
     PYTHONUNBUFFERED=1
 
 USER 99:99
-EXPOSE 8099 8888 9101
+# 8443: HTTPS, only when TLS_CERT names a certificate (docs/operator-guide.md, "HTTPS").
+EXPOSE 8099 8443 8888 9101
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
     CMD ["haproxy-swarm", "health"]
 # The official image stops with SIGUSR1 (HAProxy's soft-stop); `run` soft-stops HAProxy and stops

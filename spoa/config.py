@@ -15,6 +15,7 @@ import argparse
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -253,6 +254,44 @@ def parse_path_or_empty(text: str) -> str:
     return text
 
 
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected 1 or 0 (true/false, yes/no, on/off), got {text!r}")
+
+
+def parse_tls_cert(text: str) -> str:
+    """A PEM file holding the certificate (chain) and its private key, as HAProxy's `crt` takes it;
+    "" = no HTTPS. Checked here, before HAProxy starts, so a missing or bad file stops the start
+    with a message that names the setting (HAProxy's own error names only its config line)."""
+    text = text.strip()
+    if not text:
+        return ""
+    if not text.startswith("/") or any(c.isspace() or c == '"' for c in text):
+        raise ValueError(f"expected an absolute path without spaces or quotes, got {text!r}")
+    try:
+        with open(text, "rb") as f:
+            pem = f.read(1 << 20)
+    except OSError as e:
+        raise ValueError(f"cannot read it: {e.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ValueError("no PEM certificate in it (expected '-----BEGIN CERTIFICATE-----')")
+    if b"PRIVATE KEY-----" not in pem:
+        raise ValueError("no private key in it: HAProxy needs the certificate and its key in one PEM file")
+    if b"ENCRYPTED" in pem:  # `-----BEGIN ENCRYPTED PRIVATE KEY-----`, or `Proc-Type: 4,ENCRYPTED`
+        raise ValueError("the private key is encrypted: HAProxy starts unattended and needs it unencrypted")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # The password callback answers an encrypted key with a failure instead of a prompt.
+        context.load_cert_chain(text, password=lambda: b"")
+    except ssl.SSLError as e:
+        raise ValueError(f"not a usable certificate and key: {e.reason or e}") from None
+    return text
+
+
 def nameserver_from_resolv_conf(path: str = "/etc/resolv.conf") -> HostPort:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -299,6 +338,10 @@ class Settings:
     ondemand_miss_ttl: float = 30.0
     ondemand_lookups: float = 5.0
     ondemand_forget: float = 300.0
+    tls_cert: str = ""  # "" → no HTTPS bind
+    https_bind: HostPort = HostPort("0.0.0.0", 8443)
+    https_redirect: bool = False
+    https_redirect_port: int = 443
     # Not settings of their own: several services in SWARM_CONFIG_FILE (load_settings), and what
     # service_settings derives for each of them.
     services: tuple[ServiceLine, ...] = ()
@@ -385,6 +428,10 @@ class Settings:
             "SLOT_MAP": self.slot_map,
             "SERVER_COOKIE_MAP": self.server_cookie_map,
             "COOKIE_ATTRS": self.cookie_attributes,
+            "TLS_CERT": self.tls_cert,
+            "HTTPS_BIND": str(self.https_bind),
+            "HTTPS_REDIRECT": "1" if self.https_redirect else "0",
+            "HTTPS_REDIRECT_PORT": str(self.https_redirect_port),
             **self.chain_env(),
         }
         # The SPOE message has one slot per key kind; unused slots fetch a name nobody sends.
@@ -498,6 +545,18 @@ OPTIONS: tuple[Option, ...] = (
            "DNS look-ups per second at most for Hosts a pattern matches (a burst of as many)", "5"),
     Option("ondemand_forget", "ONDEMAND_FORGET", "--ondemand-forget", parse_seconds,
            "seconds a service found on demand may have no members before it is forgotten", "300"),
+    Option("tls_cert", "TLS_CERT", "--tls-cert", parse_tls_cert,
+           "PEM file with the certificate (chain) and its private key, e.g. a Swarm secret at "
+           "/run/secrets/NAME; set: fe_main also serves HTTPS (HTTP/2 and HTTP/1.1) on HTTPS_BIND",
+           "(empty: no HTTPS)"),
+    Option("https_bind", "HTTPS_BIND", "--https-bind", _host_port(),
+           "HTTPS bind of fe_main (used only with TLS_CERT)", "*:8443"),
+    Option("https_redirect", "HTTPS_REDIRECT", "--https-redirect", parse_bool,
+           "1: fe_main answers plain HTTP with a redirect to HTTPS (301 for GET/HEAD, 308 otherwise); "
+           "needs TLS_CERT", "0"),
+    Option("https_redirect_port", "HTTPS_REDIRECT_PORT", "--https-redirect-port", parse_port,
+           "the HTTPS port clients reach (the published port, not HTTPS_BIND's) that redirects name; "
+           "443 is left out of the Location", "443"),
 )
 
 
@@ -792,6 +851,9 @@ def _check_consistency(s: Settings) -> None:
                     f"STICKY_KEY (--sticky-key): invalid value {','.join(map(str, s.sticky_key))!r}: with DECIDE=table "
                     f"HAProxy reads {source.name!r} in its config, where only letters, digits, '_', '.' and '-' "
                     "are safe; rename it or set DECIDE=agent")
+    if s.https_redirect and not s.tls_cert:
+        raise ConfigError("HTTPS_REDIRECT (--https-redirect) is on but TLS_CERT (--tls-cert) is empty: "
+                          "nothing would answer the HTTPS the redirects point to")
     if s.listen == s.metrics_listen:
         raise ConfigError(f"AGENT_LISTEN and METRICS_LISTEN are both {s.listen}")
 

@@ -197,9 +197,10 @@ class Supervisor:
             return 1
         if self._stop_signal is None:
             info = show_info(self.haproxy.socket_path)
-            log.info("ready: HAProxy %s (master pid %d), agent on %s, traffic on %s, stats on %s",
+            https = f", HTTPS on {self.settings.https_bind}" if self.settings.tls_cert else ""
+            log.info("ready: HAProxy %s (master pid %d), agent on %s, traffic on %s%s, stats on %s",
                      info.get("Version", "?"), self.haproxy.pid, self.settings.listen,
-                     self.env.get("FRONTEND_BIND", "*:8099"), self.env.get("STATS_BIND", "*:8888"))
+                     self.env.get("FRONTEND_BIND", "*:8099"), https, self.env.get("STATS_BIND", "*:8888"))
         return self._loop()
 
     def _loop(self) -> int:
