@@ -163,6 +163,14 @@ def test_a_scale_event_moves_the_members_gauge_and_the_change_counters(three: St
 
 
 def test_status_cli_lists_members_with_health_and_shares(three: Stack) -> None:
+    def settled() -> bool:
+        """A server enabled a moment ago is `UP 1/2` until its next check (HAProxy's health counter
+        is at `rise` and climbs to `rise + fall - 1`): what an operator sees then, but not the
+        steady state this test checks."""
+        doc = json.loads(status_cli(three, "--json").stdout)
+        return all(m["haproxy"] == "UP" for svc in doc["services"] for m in svc["members"])
+
+    wait_for(settled, "every member plainly UP in HAProxy's stats", timeout=10)
     done = status_cli(three, "--json")
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
