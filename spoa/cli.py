@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_agent(settings)
         from spoa.supervisor import run
 
-        return run(settings)
+        return run(settings, reload_settings=lambda: load_settings(args))
     if args.command == "demo":
         from spoa.demo import DemoPorts
         from spoa.demo import main as demo_main

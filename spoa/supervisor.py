@@ -16,9 +16,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
-from spoa.config import HostPort, Settings, settings_env
+from spoa.config import ConfigError, HostPort, Settings, service_settings, settings_env
+from spoa.haproxy import template
 from spoa.haproxy.process import HAProxyError, HAProxyProcess, shipped_config, show_info
 
 log = logging.getLogger("spoa.supervisor")
@@ -26,16 +29,30 @@ log = logging.getLogger("spoa.supervisor")
 AGENT_RESTART_MIN = 0.5
 AGENT_RESTART_MAX = 10.0
 STOP_GRACE = 30.0
+FILE_CHECK_INTERVAL = 1.0  # how often SWARM_CONFIG_FILE is read for a change (several services)
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, ready_timeout: float = 30.0) -> None:
+    def __init__(self, settings: Settings, ready_timeout: float = 30.0,
+                 reload_settings: Callable[[], Settings] | None = None) -> None:
+        """`reload_settings`: reads the settings again (SIGHUP, or SWARM_CONFIG_FILE changed), for
+        several services; None: the file is not watched."""
         self.settings = settings
         self.ready_timeout = ready_timeout
+        self.reload_settings = reload_settings
         env = dict(os.environ) | settings_env(settings) | settings.haproxy_env()
+        extra: list[str] = []
+        if settings.services:
+            # Several services: each one's backend, from the shipped be_app (spoa.haproxy.template).
+            # SERVICES_MAP is in HAProxy's environment from the start, so a reload keeps it.
+            services_config, services_map = self._write_services(settings)
+            env["SERVICES_MAP"] = services_map
+            extra.append(services_config)
         self.env = env
         self.haproxy = HAProxyProcess(env, config=settings.haproxy_config or shipped_config(),
-                                      binary=settings.haproxy_bin or None)
+                                      binary=settings.haproxy_bin or None, extra=extra)
+        self._services_file = _file_state(settings.config_file) if settings.services else None
+        self._next_file_check = 0.0
         self.agent: subprocess.Popen[bytes] | None = None
         self._stop_signal: int | None = None
         self._reload_requested = False
@@ -81,6 +98,65 @@ class Supervisor:
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
         self._reload_requested = True
 
+    # ------------------------------------------------------------------ several services
+
+    def _write_services(self, settings: Settings) -> tuple[str, str]:
+        config = Path(settings.haproxy_config or shipped_config())
+        spoe = Path(config.parent, "spoe.conf").read_text(encoding="utf-8")
+        services = service_settings(settings)
+        rendered = template.render(config.read_text(encoding="utf-8"), spoe, settings, services)
+        return template.write(rendered, settings, services)
+
+    def _services_changed(self) -> bool:
+        """SWARM_CONFIG_FILE changed since it was last read (checked once a second)."""
+        if self._services_file is None or time.monotonic() < self._next_file_check:
+            return False
+        self._next_file_check = time.monotonic() + FILE_CHECK_INTERVAL
+        return _file_state(self.settings.config_file) != self._services_file
+
+    def _apply_services(self) -> None:
+        """Read the services again; when they changed, write their backends, reload HAProxy (the old
+        worker finishes what it serves; the new one starts from the map files, and from each service's
+        DNS fallback until the agent has written its servers back) and restart the agent. A file that
+        does not parse, or that HAProxy refuses, changes nothing: the error is logged."""
+        assert self.reload_settings is not None
+        self._services_file = _file_state(self.settings.config_file)
+        try:
+            new = self.reload_settings()
+        except ConfigError as e:
+            log.error("%s: not applied, still routing by the services read before: %s", self.settings.config_file, e)
+            return
+        if not new.services:
+            log.error("%s now names a single service without a route; switching between one service and "
+                      "several needs a restart: not applied", self.settings.config_file)
+            return
+        if new.services == self.settings.services:
+            return
+        self._write_services(new)
+        try:
+            self.haproxy.check()
+        except HAProxyError as e:
+            log.error("HAProxy refuses the services of %s, not applied: %s", self.settings.config_file, e)
+            self._write_services(self.settings)
+            return
+        before = {line.name for line in self.settings.services}
+        after = {line.name for line in new.services}
+        log.info("services changed (%s): reloading HAProxy and restarting the agent",
+                 ", ".join([f"+{n}" for n in sorted(after - before)] + [f"-{n}" for n in sorted(before - after)]
+                           + [f"~{line.name}" for line in new.services
+                              if line.name in before and line not in self.settings.services]) or "order")
+        self.settings = new
+        os.kill(self.haproxy.pid, signal.SIGUSR2)
+        agent, self.agent = self.agent, None
+        if agent is not None and agent.poll() is None:
+            agent.terminate()
+            try:
+                agent.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait(timeout=5)
+        self._start_agent()
+
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
@@ -120,10 +196,17 @@ class Supervisor:
         restart_at: float | None = None
         started = time.monotonic()
         while self._stop_signal is None:
-            if self._reload_requested:
+            if self._reload_requested and self.reload_settings is not None and self.settings.services:
+                self._reload_requested = False
+                log.info("SIGHUP: reading %s again", self.settings.config_file)
+                self._apply_services()
+            elif self._reload_requested:
                 self._reload_requested = False
                 log.info("reloading HAProxy (SIGUSR2 to its master)")
                 os.kill(self.haproxy.pid, signal.SIGUSR2)
+            elif self.reload_settings is not None and self._services_changed():
+                log.info("%s changed", self.settings.config_file)
+                self._apply_services()
             proc = self.haproxy.proc
             if proc is None or proc.poll() is not None:
                 code = proc.returncode if proc is not None else -1
@@ -169,6 +252,15 @@ class Supervisor:
                 agent.wait(timeout=5)
 
 
+def _file_state(path: str) -> bytes | None:
+    """The file's content (None: unreadable), to notice a change whatever its mtime does (a Swarm or
+    Kubernetes config is swapped in by a rename)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
+
+
 def _cannot_listen(address: HostPort) -> str | None:
     """Why a TCP listener cannot be opened on `address` right now (e.g. in use), or None."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -181,5 +273,5 @@ def _cannot_listen(address: HostPort) -> str | None:
     return None
 
 
-def run(settings: Settings) -> int:
-    return Supervisor(settings).run()
+def run(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> int:
+    return Supervisor(settings, reload_settings=reload_settings).run()

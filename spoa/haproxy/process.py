@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -106,8 +106,10 @@ class HAProxyProcess:
     """`haproxy -W -db -f <config>` with `env` on top of this process's environment."""
 
     def __init__(self, env: Mapping[str, str], config: str | None = None,
-                 binary: str | None = None, log_path: str | None = None) -> None:
+                 binary: str | None = None, log_path: str | None = None, extra: Sequence[str] = ()) -> None:
+        """`extra`: config files read after `config` (several services: their backends, spoa.haproxy.template)."""
         self.config = config or shipped_config()
+        self.extra = tuple(extra)
         self.env = dict(os.environ) | dict(env)
         self.binary = binary or self.env.get("HAPROXY_BIN") or haproxy_binary()
         self.socket_path = self.env.get("HAPROXY_SOCKET") or os.path.join(
@@ -136,7 +138,7 @@ class HAProxyProcess:
     def check(self) -> None:
         """`haproxy -c`: raise HAProxyError with HAProxy's own message when the config is refused."""
         self.prepare()
-        res = subprocess.run([self.binary, "-c", "-q", "-f", self.config], env=self.env,
+        res = subprocess.run([self.binary, "-c", "-q", *self._config_args()], env=self.env,
                              capture_output=True, timeout=30)
         if res.returncode != 0:
             raise HAProxyError(res.stderr.decode(errors="replace").strip() or "haproxy -c failed")
@@ -146,7 +148,7 @@ class HAProxyProcess:
         self._log_file = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         stderr = self._log_file
         self.proc = subprocess.Popen(
-            [self.binary, "-W", "-db", "-f", self.config], env=self.env,
+            [self.binary, "-W", "-db", *self._config_args()], env=self.env,
             stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -160,6 +162,9 @@ class HAProxyProcess:
                 time.sleep(0.02)
         self.stop()
         raise HAProxyError(f"haproxy did not answer on {self.socket_path} within {timeout}s")
+
+    def _config_args(self) -> list[str]:
+        return [arg for path in (self.config, *self.extra) for arg in ("-f", path)]
 
     def _tail(self) -> str:
         if os.path.exists(self.log_path):

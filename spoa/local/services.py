@@ -1,0 +1,142 @@
+"""Several services behind one `haproxy-swarm run`, on loopback: for the demo and the tests.
+
+Owns: one dnsmasq serving `tasks.<name>` for each service, each service's backends on its own
+loopback network (127.0.<10+k>.x, so an answer's X-Served-By tells which service served it), a
+SWARM_CONFIG_FILE with one line per service, and `haproxy-swarm run` reading it. Scaling a service
+changes its DNS records and backend processes; `rewrite` changes the file while `run` is running.
+Must not: leave a process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+
+from spoa.local.backends import Backend
+from spoa.local.ports import free_port
+from spoa.local.stack import Stack, parse_servers_state
+
+
+@dataclass
+class Service:
+    """One service of the file: its line's route and options, and its task slots."""
+
+    name: str
+    route: str | None  # None: the default service
+    options: str = ""
+    tasks: Sequence[Backend] = ()
+    members: Sequence[int] = ()
+
+    def line(self, port: int) -> str:
+        target = f"tasks.{self.name}:{port}"
+        return " ".join(word for word in (self.route or "", target, self.options) if word)
+
+
+class Services(Stack):
+    """`Stack`, with several services from a SWARM_CONFIG_FILE instead of one SWARM_SERVICE."""
+
+    def __init__(self, services: Sequence[tuple[str, str | None, str]], n_slots: int = 4,
+                 env: Mapping[str, str] | None = None, refresh: float = 0.5) -> None:
+        """`services`: (name, route or None for the default service, options) per line."""
+        port = free_port("127.0.10.2")
+        super().__init__(n_slots=0, env=env, refresh=refresh, backend_port=port)
+        self.services = {
+            name: Service(name, route, options,
+                          [Backend(f"127.0.{10 + k}.{i + 2}", port, name=f"{name}-{i + 1}") for i in range(n_slots)])
+            for k, (name, route, options) in enumerate(services)}
+        self.tasks = [task for service in self.services.values() for task in service.tasks]
+        self.config_file = os.path.join(self.run_dir, "my-config")
+        self.write_config()
+
+    def write_config(self, names: Iterable[str] | None = None) -> None:
+        """Write the file with the services `names` (all by default), atomically, as Swarm does."""
+        lines = [self.services[n].line(self.backend_port) for n in (names or self.services)]
+        tmp = self.config_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, self.config_file)
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        del env["SWARM_SERVICE"]
+        return env | {"SWARM_CONFIG_FILE": self.config_file}
+
+    def start(self, members: Iterable[int] = (0, 1), wait: bool = True, start_backends: bool = True) -> Services:
+        """Start with the task slots `members` of every service in DNS."""
+        slots = sorted(set(members))
+        for service in self.services.values():
+            service.members = slots
+            if start_backends:
+                for i in slots:
+                    service.tasks[i].start()
+        super().start(members=(), wait=False, start_backends=False)  # DNS: scale() below
+        if wait:
+            for name in self.services:
+                self.wait_service(name, slots)
+        return self
+
+    def scale(self, members: Iterable[int], wait: bool = True, start_backends: bool = True,
+              stop_removed: bool = True) -> None:
+        """(Stack.start's hook) DNS for every service as it is now; `members` is ignored."""
+        self._publish_dns()
+
+    def scale_service(self, name: str, members: Iterable[int], wait: bool = True,
+                      start_backends: bool = True) -> None:
+        service = self.services[name]
+        wanted = sorted(set(members))
+        if start_backends:
+            for i in wanted:
+                service.tasks[i].start()
+        service.members = wanted
+        self._publish_dns()
+        for i, task in enumerate(service.tasks):
+            if i not in wanted:
+                task.stop()
+        if wait:
+            self.wait_service(name, wanted)
+
+    def _publish_dns(self) -> None:
+        self.dns.set_hosts({f"tasks.{s.name}": [s.tasks[i].ip for i in s.members]
+                            for s in self.services.values() if s.members})
+
+    # ------------------------------------------------------------------ HAProxy's view
+
+    def service_of(self, address: str | None) -> str | None:
+        """The service whose task has `address` (an answer's X-Served-By), or None."""
+        return next((s.name for s in self.services.values() for t in s.tasks if t.address == address), None)
+
+    def servers_of(self, name: str) -> list[dict[str, str]]:
+        try:
+            rows = parse_servers_state(self.command(f"show servers state be_{name}"))
+        except OSError:
+            return []
+        return [r for r in rows if not r.get("srv_name", "").startswith("dns")]
+
+    def up_of(self, name: str) -> set[str]:
+        return {f"{r['srv_addr']}:{r['srv_port']}" for r in self.servers_of(name)
+                if r.get("srv_op_state") == "2" and r.get("srv_admin_state") == "0"}
+
+    def wait_service(self, name: str, slots: Iterable[int], timeout: float = 20.0) -> float:
+        """Wait until HAProxy has exactly the task slots `slots` of service `name` UP and the
+        agent's /readyz answers 200. Returns the seconds it took."""
+        want = {self.services[name].tasks[i].address for i in slots}
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            self.check_running()
+            if self.up_of(name) == want and self.readyz()[0] == 200:
+                return time.monotonic() - start
+            time.sleep(0.05)
+        raise TimeoutError(f"be_{name}: {sorted(self.up_of(name))} UP, wanted {sorted(want)}; /readyz "
+                           f"{self.readyz()}; log:\n{self.log_tail()}")
+
+    def __enter__(self) -> Services:
+        return self.start()
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+__all__ = ["Service", "Services"]
