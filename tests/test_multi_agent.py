@@ -5,7 +5,8 @@ HAProxy (2.6 or HAPROXY_BIN) and a real `haproxy-swarm agent` process in multi-s
 HAProxy config here is the test's own small one: fe_main picks the backend by the Host's first
 label, decides from each service's own slot map (the maps the agent publishes) and tracks
 `<service name>/<source>` in its stick table, as the shipped config does with several services;
-so HAProxy's `show table` answer, its servers and its maps are real.
+so HAProxy's `show table` answer, its servers and its maps are real. The last part runs the
+whole product instead: `haproxy-swarm run` with the shipped config's per-service backends.
 
 What is checked: every service gets its own servers, table and SPOP port (real HELLO/NOTIFY on
 each port, answered with that service's servers only); /metrics merges every service's families
@@ -45,6 +46,8 @@ from spoa.haproxy.counters import parse_counts, split_counts
 from spoa.haproxy.process import HAProxyProcess, stop_process
 from spoa.local.backends import Backend
 from spoa.local.dnsmasq import Dnsmasq
+from spoa.local.ports import free_port, free_ports
+from spoa.local.services import Services
 from spoa.protocol import FrameType, SetVar, decode_actions, encode_message, encode_notify
 
 pytestmark = [pytest.mark.timeout(180)]
@@ -60,29 +63,6 @@ Samples = list[tuple[str, dict[str, str], float]]
 def hosts(*names: str) -> dict[str, list[str]]:
     """dnsmasq's records: the tasks of these services (the others do not resolve)."""
     return {f"tasks.{name}": list(TASK_IPS[name]) for name in names}
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> int:
-    """A port p with p .. p+n-1 free now (the services' SPOP ports are consecutive)."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            base: int = probe.getsockname()[1]
-        if base + n > 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + n):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 HAPROXY_CFG = """\
@@ -156,10 +136,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     run = tmp_path_factory.mktemp("multi")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        task_port = probe.getsockname()[1]
-    traffic_port = free_ports(1)
+    task_port, traffic_port = free_port(), free_port()
     for name in NAMES:
         for kind in ("slots", "cookies", "server-cookies"):
             (run / f"{name}.{kind}.map").touch()
@@ -194,7 +171,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def start_agent(world: World) -> None:
     world.spop_base = free_ports(len(NAMES))
-    world.metrics_port = free_ports(1)
+    world.metrics_port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("SWARM_SERVICE", "COOKIE_SECRET")}
     env |= world.env | {"AGENT_LISTEN": f"127.0.0.1:{world.spop_base}",
                         "METRICS_LISTEN": f"127.0.0.1:{world.metrics_port}", "PYTHONUNBUFFERED": "1"}
@@ -445,7 +422,7 @@ async def test_a_failing_control_loop_does_not_stop_the_other_services(world: Wo
     """In this process, on ports and a run directory of its own (no HAProxy socket there): shop's
     control loop fails (a bug outside a step), api's goes on; shop's loop is restarted; SIGTERM
     stops them all."""
-    base, metrics_port = free_ports(2), free_ports(1)
+    base, metrics_port = free_ports(2), free_port()
     config = tmp_path / "services"
     config.write_text(f"shop.test tasks.shop:{world.task_port}\napi.test tasks.api:{world.task_port}\n")
     settings = load_settings({}, world.env | {"RUN_DIR": str(tmp_path), "SWARM_CONFIG_FILE": str(config),
@@ -496,3 +473,68 @@ def test_sigterm_stops_every_service_and_the_process_exits_cleanly(world: World)
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
             pass
     start_agent(world)  # the module's other tests may run after this one
+
+
+# --------------------------------------------------------------------------- the whole product
+
+
+E2E_SERVICES = (("shop", "shop.test", ""), ("api", "example.test/api", "key=header:X-User,src"), ("www", None, ""))
+
+
+@pytest.fixture(scope="module")
+def product() -> Iterator[Services]:
+    services = Services(E2E_SERVICES, n_slots=3)
+    services.agent_port = free_ports(len(E2E_SERVICES))  # a SPOP port per service, consecutive
+    with services:
+        yield services
+
+
+def visit(services: Services, host: str, path: str = "/", headers: dict[str, str] | None = None) -> str | None:
+    """One request through fe_main; the service whose task answered."""
+    conn = http.client.HTTPConnection("127.0.0.1", services.traffic_port, timeout=5)
+    try:
+        conn.request("GET", path, headers={"Host": host} | (headers or {}))
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 200, (host, path, resp.status)
+        return services.service_of(resp.getheader("X-Served-By"))
+    finally:
+        conn.close()
+
+
+@pytest.mark.e2e
+def test_run_counts_each_services_decisions_under_its_own_label(product: Services) -> None:
+    """`haproxy-swarm run` with three services: HAProxy decides from each service's table, fe_main
+    counts `<name>/<source>`, the one agent process reports each service's own counts."""
+    label = {name: f"tasks.{name}:{product.backend_port}" for name, _, _ in E2E_SERVICES}
+    before = {name: product.metric("haproxy_swarm_decisions_total", service=label[name]) for name in label}
+    by_header = product.metric("haproxy_swarm_decisions_total", service=label["api"], source="header")
+    sent = {"shop": 12, "api": 7, "www": 5}
+    for _ in range(sent["shop"]):
+        assert visit(product, "shop.test") == "shop"
+    for i in range(sent["api"]):
+        assert visit(product, "example.test", "/api/orders", {"X-User": f"user-{i}"}) == "api"
+    for _ in range(sent["www"]):
+        assert visit(product, "other.test", "/api") == "www"
+    for name, n in sent.items():
+        assert product.metric("haproxy_swarm_decisions_total", service=label[name]) - before[name] == n, name
+    assert product.metric("haproxy_swarm_decisions_total", service=label["api"], source="header") - by_header == 7
+    status, body = product.readyz()
+    assert status == 200 and [line.split(" ", 1)[0] for line in body.splitlines()] == ["shop", "api", "www"], body
+
+
+@pytest.mark.e2e
+def test_status_lists_each_services_tasks_under_its_backend_with_run(product: Services) -> None:
+    res = subprocess.run([sys.executable, "-m", "spoa", "status", "--metrics",
+                          f"http://127.0.0.1:{product.metrics_port}", "--haproxy-socket", product.socket],
+                         cwd=REPO, capture_output=True, text=True, timeout=DEADLINE, check=False)
+    assert res.returncode == 0, res.stderr
+    blocks = {block.split("\n", 1)[0].split(" -> backend ")[1]: block
+              for block in res.stdout.split("\nservice ")[1:]}
+    assert sorted(blocks) == ["be_api", "be_shop", "be_www"], res.stdout
+    for backend, block in blocks.items():
+        name = backend.removeprefix("be_")
+        assert block.startswith(f"tasks.{name}:{product.backend_port} -> "), block
+        members = [line.split() for line in block.splitlines() if line.strip().startswith("127.0.")]
+        assert {row[0] for row in members} == {product.services[name].tasks[i].address for i in (0, 1)}, block
+        assert all(row[2] == "ring" and row[3] == "UP" for row in members), block
