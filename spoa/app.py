@@ -132,7 +132,7 @@ class Agent:
                 self.log.info("HAProxy admin socket %s answers", self.settings.admin_socket)
             else:
                 self.log.warning("HAProxy admin socket %s: %s; routing on the last known health",
-                            self.settings.admin_socket, "; ".join(report.errors))
+                                 self.settings.admin_socket, "; ".join(report.errors))
             self.haproxy_reachable = report.reachable
         # Errors that repeat every step are logged once, when they first appear.
         if report.events or (report.errors and report.reachable and report.errors != self._last_errors):
