@@ -14,6 +14,10 @@ UP). No slot is published while no member is UP, so a restarted agent never repl
 table with an empty one; HAProxy keeps deciding from the table it holds. The server -> cookie map
 (either DECIDE, when the chain names the sticky cookie) holds every member, UP or not, so it is
 in HAProxy before the member's server is enabled.
+With several services in SWARM_CONFIG_FILE (`Agents`) the process runs one `Agent` per service,
+each with its own discovery, router, backend, maps, SPOP port and control loop, and one metrics
+server for all of them; nothing on the per-request path knows there are others (each service's
+SPOE engine in HAProxy talks to its own port, so no request is dispatched).
 Must not: sit on the per-request path (that is `Router.handle`, called by the SPOE server).
 """
 
@@ -24,18 +28,19 @@ import contextlib
 import ipaddress
 import logging
 import time
+from collections.abc import MutableMapping
 from typing import Any
 
 from spoa.agent import AgentServer
 from spoa.agent.loop import install_signal_handlers
-from spoa.config import Settings
+from spoa.config import Settings, service_settings
 from spoa.discovery import Discovery
 from spoa.haproxy import HAProxyWriter
-from spoa.haproxy.counters import COUNTS_TABLE, parse_counts
+from spoa.haproxy.counters import COUNTS_TABLE, parse_counts, split_counts
 from spoa.haproxy.runtime import RuntimeAPI
 from spoa.haproxy.table import DecisionTable, TablePublisher
 from spoa.member import Member
-from spoa.metrics import Metrics, MetricsServer
+from spoa.metrics import Metrics, MetricsServer, ServicesMetrics
 from spoa.ring import Ring
 from spoa.routing import Router
 
@@ -45,9 +50,19 @@ log = logging.getLogger("spoa.app")
 HEALTH_INTERVAL = 0.5
 
 
+class _ServiceLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The agent's log lines prefixed with the service's name (several services in one process)."""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        return f"{self.extra['service'] if self.extra else ''}: {msg}", kwargs
+
+
 class Agent:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, serve_metrics: bool = True) -> None:
+        """`serve_metrics=False`: one of several services; `Agents` serves the metrics of all."""
         self.settings = settings
+        self.log: logging.Logger | _ServiceLog = (
+            _ServiceLog(log, {"service": settings.service_name}) if settings.service_name else log)
         self.router = Router(settings)
         self.metrics = Metrics(self)
         self.discovery = Discovery.from_settings(settings, observer=self.metrics)
@@ -68,7 +83,7 @@ class Agent:
         self.server = AgentServer(settings.listen, self.router.handle,
                                   max_connections=settings.max_connections, observer=self.metrics)
         self.metrics_server = MetricsServer(settings.metrics_listen, self.metrics, ready=self.ready,
-                                            before_scrape=self.read_haproxy_decisions)
+                                            before_scrape=self.read_haproxy_decisions) if serve_metrics else None
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ state
@@ -114,14 +129,14 @@ class Agent:
         self.metrics.haproxy_step(report)
         if report.reachable != self.haproxy_reachable:
             if report.reachable:
-                log.info("HAProxy admin socket %s answers", self.settings.admin_socket)
+                self.log.info("HAProxy admin socket %s answers", self.settings.admin_socket)
             else:
-                log.warning("HAProxy admin socket %s: %s; routing on the last known health",
-                            self.settings.admin_socket, "; ".join(report.errors))
+                self.log.warning("HAProxy admin socket %s: %s; routing on the last known health",
+                                 self.settings.admin_socket, "; ".join(report.errors))
             self.haproxy_reachable = report.reachable
         # Errors that repeat every step are logged once, when they first appear.
         if report.events or (report.errors and report.reachable and report.errors != self._last_errors):
-            log.info("HAProxy %s: %s", self.settings.haproxy_backend, report)
+            self.log.info("HAProxy %s: %s", self.settings.haproxy_backend, report)
         self._last_errors = report.errors
         await self._update_router(members, report.up & members)
         if report.reachable:
@@ -148,11 +163,12 @@ class Agent:
         if report.changed:
             self.metrics.table_published(report.ok, report.seconds)
             if not report.ok:
-                log.warning("decision table not published: %s", report.error)
+                self.log.warning("decision table not published: %s", report.error)
             else:
-                log.info("decision table published in %.0f ms (%s)", report.seconds * 1000, ", ".join(report.maps))
+                self.log.info("decision table published in %.0f ms (%s)", report.seconds * 1000, ", ".join(report.maps))
             for error in report.file_errors:
-                log.warning("decision table: map file not written (a reload would start from an old one): %s", error)
+                self.log.warning("decision table: map file not written (a reload would start from an old one): %s",
+                                 error)
 
     async def _update_router(self, members: frozenset[Member], up: frozenset[Member]) -> None:
         router = self.router
@@ -167,7 +183,7 @@ class Agent:
         self.metrics.ring_rebuilt(router, time.perf_counter() - started)
         router.update(members, up, ring=ring, fallback=fallback)
         if router.up != before:
-            log.info("routing to %d members up (%s)", len(router.up), _describe(before, router.up))
+            self.log.info("routing to %d members up (%s)", len(router.up), _describe(before, router.up))
 
     async def control_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -181,7 +197,7 @@ class Agent:
             try:
                 retry_after = await self.step(now, poll_dns)
             except Exception:  # the loop must survive anything; the traffic path does not depend on it
-                log.exception("control loop step failed; retrying")
+                self.log.exception("control loop step failed; retrying")
             delay = min(HEALTH_INTERVAL, max(0.0, next_dns - loop.time()))
             if retry_after is not None:
                 delay = min(delay, max(0.05, retry_after))
@@ -190,11 +206,16 @@ class Agent:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         self._stopping.set()
         self.server.close()
 
     async def run(self) -> None:
+        assert self.metrics_server is not None, "one of several services: Agents runs it"
         await self.server.start()
         await self.metrics_server.start()
         remove = install_signal_handlers(self.stop)
@@ -208,7 +229,80 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await control
             await self.metrics_server.close()
-            log.info("agent stopped")
+            self.log.info("agent stopped")
+
+
+class Agents:
+    """Several services in one process: one `Agent` per service (its own SPOP port, control loop and
+    HAProxy backend) and one metrics server for all of them on METRICS_LISTEN."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.agents = tuple(Agent(one, serve_metrics=False) for one in service_settings(settings))
+        # The process's own reads of HAProxy (fe_main's counters): no one service's runtime commands.
+        self.api = RuntimeAPI(settings.admin_socket)
+        self.metrics = ServicesMetrics([agent.metrics for agent in self.agents])
+        self.metrics_server = MetricsServer(settings.metrics_listen, self.metrics, ready=self.ready,
+                                            before_scrape=self.read_haproxy_decisions)
+
+    def ready(self) -> tuple[bool, str]:
+        """/readyz: ready when every service is; the body gives each service's reason, a line each."""
+        ok, lines = True, []
+        for agent in self.agents:
+            ready, why = agent.ready()
+            ok = ok and ready
+            lines.append(f"{agent.settings.service_name} ({agent.settings.service}): "
+                         f"{'ready' if ready else 'NOT READY'}: {why}")
+        return ok, "\n".join(lines)
+
+    async def read_haproxy_decisions(self) -> None:
+        """One `show table` for all services: fe_main tracks `<service name>/<source>`; each
+        service's counts go to its own metrics."""
+        answer = await self.api.command(f"show table {COUNTS_TABLE}")
+        counts = split_counts(parse_counts(answer))
+        for agent in self.agents:
+            agent.metrics.haproxy_decisions.update(counts.get(agent.settings.service_name, {}))
+
+    def stop(self) -> None:
+        for agent in self.agents:
+            agent.stop()
+
+    async def _control(self, agent: Agent) -> None:
+        """The service's control loop, restarted if it ever fails outside a step (a step's failure
+        is the loop's own to log and retry): one service's bug never stops another's loop."""
+        while not agent.stopping:
+            try:
+                await agent.control_loop()
+            except Exception:
+                agent.log.exception("control loop failed; restarting it")
+                await asyncio.sleep(HEALTH_INTERVAL)
+
+    async def run(self) -> None:
+        started: list[Agent] = []
+        try:
+            for agent in self.agents:
+                await agent.server.start()
+                started.append(agent)
+            await self.metrics_server.start()
+        except BaseException:
+            for agent in started:
+                agent.stop()
+            raise
+        remove = install_signal_handlers(self.stop)
+        controls = [asyncio.create_task(self._control(agent), name=f"control-loop {agent.settings.service_name}")
+                    for agent in self.agents]
+        try:
+            await asyncio.gather(*(agent.server.wait_closed() for agent in self.agents))
+        finally:
+            remove()
+            self.stop()
+            for task in controls:
+                task.cancel()
+            for task in controls:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self.metrics_server.close()
+            log.info("agent stopped (%d services)", len(self.agents))
 
 
 def _describe(before: frozenset[Any], after: frozenset[Any], limit: int = 8) -> str:
@@ -234,12 +328,13 @@ _WEAK_SECRETS = ("", "change-me")
 
 
 def startup_warnings(settings: Settings) -> list[str]:
-    """Settings that work but weaken the deployment; logged once at start (docs/security.md)."""
+    """Settings that work but weaken the deployment; logged once at start (docs/security.md), for
+    all the services of SWARM_CONFIG_FILE together."""
     warnings = []
     if not _is_loopback(settings.listen.host):
         warnings.append(f"AGENT_LISTEN {settings.listen} is not a loopback address: SPOP has no "
                         "authentication, so anyone who can reach it can talk to the agent")
-    if settings.issues_cookie and settings.cookie_secret in _WEAK_SECRETS:
+    if any(one.issues_cookie for one in service_settings(settings)) and settings.cookie_secret in _WEAK_SECRETS:
         what = "is not set" if not settings.cookie_secret else f"is the example's {settings.cookie_secret!r}"
         warnings.append(f"COOKIE_SECRET {what}: anyone who knows the members' addresses can compute "
                         "their sticky cookies; set the same secret on every replica")
@@ -249,13 +344,21 @@ def startup_warnings(settings: Settings) -> list[str]:
 def run_agent(settings: Settings) -> int:
     from spoa.agent.loop import run
 
-    log.info("haproxy-swarm agent: service %s, nameserver %s, sticky key %s, SPOP on %s, metrics on %s",
-             settings.service, settings.nameserver, ",".join(map(str, settings.sticky_key)),
-             settings.listen, settings.metrics_listen)
+    if settings.services:
+        log.info("haproxy-swarm agent: %d services from %s, nameserver %s, metrics on %s",
+                 len(settings.services), settings.config_file, settings.nameserver, settings.metrics_listen)
+        for line, one in zip(settings.services, service_settings(settings), strict=True):
+            log.info("service %s: %s for %s -> backend %s, sticky key %s, SPOP on %s", one.service_name,
+                     one.service, line.route or "requests no route takes", one.haproxy_backend,
+                     ",".join(map(str, one.sticky_key)), one.listen)
+    else:
+        log.info("haproxy-swarm agent: service %s, nameserver %s, sticky key %s, SPOP on %s, metrics on %s",
+                 settings.service, settings.nameserver, ",".join(map(str, settings.sticky_key)),
+                 settings.listen, settings.metrics_listen)
     for warning in startup_warnings(settings):
         log.warning("%s; see docs/security.md", warning)
     try:
-        run(Agent(settings).run())
+        run((Agents(settings) if settings.services else Agent(settings)).run())
     except OSError as e:
         log.error("cannot start: %s", e)
         return 1

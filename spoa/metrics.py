@@ -8,6 +8,9 @@ prometheus-client's locked metric objects on that path, or log (the layers that 
 
 Every metric is named `haproxy_swarm_*` and labelled by `service` where it applies. The list, with
 what each one means, is in docs/observability.md; tests/test_metrics.py holds the two in step.
+With several services in one process (`ServicesMetrics`) each service's families are merged into
+one exposition under the same names: the `service` label tells them apart (the SPOP families, which
+have none with one service, gain it), the per-process ones (build info, process metrics) appear once.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import platform
 import time
 from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -54,6 +57,8 @@ COMMAND_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 2.0)
 DNS_OUTCOMES = ("ok", "partial", "nxdomain", "failure", "timeout", "truncated-then-tcp")
 #: How many member changes `haproxy_swarm_member_change_timestamp_seconds` keeps (bounded series).
 RECENT_CHANGES = 16
+#: Families of the process, not of a service: given once when several services are merged.
+PER_PROCESS = frozenset({PREFIX + "build_info"})
 # How long a scrape waits for counters read elsewhere (HAProxy's decisions) before answering.
 SCRAPE_READ_TIMEOUT = 1.0
 
@@ -125,6 +130,7 @@ class Metrics(AgentObserver):
         self.agent = agent
         self.service = str(agent.settings.service)
         self.backend = agent.settings.haproxy_backend
+        self.name = agent.settings.service_name  # "" for the one service of the seed's set-up
         # SPOE server
         self.connections = 0
         self.frames: Counter[FrameType] = Counter()
@@ -275,9 +281,11 @@ class Metrics(AgentObserver):
         info.add_metric([__version__, platform.python_version(), _loop_name()], 1.0)
         yield info
         service_info = GaugeMetricFamily(PREFIX + "service_info", "The service this agent routes to, and "
-                                         "the HAProxy backend that holds its members as servers.",
-                                         labels=["service", "backend"])
-        service_info.add_metric([self.service, self.backend], 1.0)
+                                         "the HAProxy backend that holds its members as servers (and its "
+                                         "name, with several services).",
+                                         labels=["service", "backend", "name"] if self.name else ["service", "backend"])
+        service_info.add_metric([self.service, self.backend, self.name] if self.name else [self.service, self.backend],
+                                1.0)
         yield service_info
         ok, _ = agent.ready()
         ready = GaugeMetricFamily(PREFIX + "ready", "1 when /readyz answers 200: the service has members and "
@@ -418,10 +426,52 @@ class Metrics(AgentObserver):
 
     def registry(self) -> CollectorRegistry:
         """A registry with this collector and the process's own metrics (`haproxy_swarm_process_*`)."""
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(self)
-        ProcessCollector(namespace=PREFIX.rstrip("_"), registry=registry)
-        return registry
+        return _registry(self)
+
+
+class ServicesMetrics:
+    """The collector of several services in one process: each family once, with every service's
+    samples (prometheus-client refuses two collectors that give the same family names)."""
+
+    def __init__(self, services: Sequence[Metrics]) -> None:
+        if not services:
+            raise ValueError("no services")
+        self.services = tuple(services)
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for metrics in self.services:
+            for family in metrics.collect():
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                elif family.name in PER_PROCESS:
+                    continue
+                if family.name in PER_PROCESS:
+                    out.samples.extend(family.samples)
+                    continue
+                for sample in family.samples:
+                    if "service" not in sample.labels:  # the SPOP families: one SPOP server per service
+                        sample = sample._replace(labels={"service": metrics.service, **sample.labels})
+                    out.samples.append(sample)
+        yield from merged.values()
+
+    def registry(self) -> CollectorRegistry:
+        """A registry with the merged collector and the process's own metrics, once."""
+        return _registry(self)
+
+
+def _registry(collector: Metrics | ServicesMetrics) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(namespace=PREFIX.rstrip("_"), registry=registry)
+    return registry
+
+
+class Exposed(Protocol):
+    """What the metrics server serves: `Metrics` (one service) or `ServicesMetrics` (several)."""
+
+    def registry(self) -> CollectorRegistry: ...
 
 
 def _service_counters(service: list[str], rows: tuple[tuple[str, str, float], ...]) -> Iterator[Metric]:
@@ -450,7 +500,7 @@ def _loop_name() -> str:
 class MetricsServer:
     """A minimal HTTP/1.0 server for /metrics, /healthz and /readyz on the event loop."""
 
-    def __init__(self, listen: HostPort, metrics: Metrics, ready: Callable[[], tuple[bool, str]],
+    def __init__(self, listen: HostPort, metrics: Exposed, ready: Callable[[], tuple[bool, str]],
                  before_scrape: Callable[[], Awaitable[None]] | None = None) -> None:
         """`before_scrape`: awaited (at most SCRAPE_READ_TIMEOUT) before each /metrics answer, to
         read counters kept elsewhere (HAProxy's decisions); its failure leaves the last values."""
@@ -511,4 +561,4 @@ class MetricsServer:
         return "404 Not Found", "text/plain; charset=utf-8", b"try /metrics, /healthz or /readyz\n"
 
 
-__all__ = ["AgentState", "FastHistogram", "HAProxyStep", "Metrics", "MetricsServer"]
+__all__ = ["AgentState", "Exposed", "FastHistogram", "HAProxyStep", "Metrics", "MetricsServer", "ServicesMetrics"]

@@ -343,8 +343,10 @@ def render(status: Status) -> str:
     lines = []
     if status.agent_version is not None or status.ready is not None:
         ready = "ready" if status.ready else "NOT READY"
+        reasons = status.ready_reason.splitlines()
         lines.append(f"agent {status.metrics_url} (haproxy-swarm {status.agent_version or '?'}): {ready}"
-                     + (f" ({status.ready_reason})" if status.ready_reason else ""))
+                     + (f" ({reasons[0]})" if len(reasons) == 1 else ""))
+        lines.extend(f"  {reason}" for reason in reasons if len(reasons) > 1)  # several services, a line each
     if status.haproxy_version is not None:
         lines.append(f"HAProxy {status.haproxy_version} on {status.haproxy_socket}")
     for svc in status.services:

@@ -4,6 +4,8 @@ Owns: reading fe_main's stick table, where haproxy.cfg tracks every request the 
 cookie map) decided under its key source (`track-sc2 var(txn.sticky.source)`: `http_req_cnt` is
 the decisions of that source, `gpc0` the sticky cookies those decisions set), and keeping totals
 that only grow across HAProxy reloads (a new worker starts its table from zero).
+With several services in one process the keys are `<service name>/<source>` and each service's
+counts are its own (`split_counts`).
 Must not: run per request. The agent reads the table once per scrape of /metrics (one
 `show table` on the admin socket, a few lines); HAProxy's own cost is one stick-table update
 per request (docs/performance.md).
@@ -29,6 +31,17 @@ def parse_counts(answer: str) -> dict[str, tuple[int, int]]:
         cookies = fields.get("gpc0", "0")
         if key and requests.isdigit() and cookies.isdigit():
             out[key] = (int(requests), int(cookies))
+    return out
+
+
+def split_counts(counts: Mapping[str, tuple[int, int]]) -> dict[str, dict[str, tuple[int, int]]]:
+    """Several services (haproxy.cfg tracks `<service name>/<source>`): {service name: {source:
+    counts}}. A key without a service name is left out: it is not any one service's."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for key, value in counts.items():
+        name, sep, source = key.partition("/")
+        if sep and name and source:
+            out.setdefault(name, {})[source] = value
     return out
 
 
@@ -63,4 +76,4 @@ class DecisionCounts:
         return self._decisions.get(source, 0)
 
 
-__all__ = ["COUNTS_TABLE", "DecisionCounts", "parse_counts"]
+__all__ = ["COUNTS_TABLE", "DecisionCounts", "parse_counts", "split_counts"]
