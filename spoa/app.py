@@ -41,6 +41,7 @@ from spoa.haproxy.runtime import RuntimeAPI
 from spoa.haproxy.table import DecisionTable, TablePublisher
 from spoa.member import Member
 from spoa.metrics import Metrics, MetricsServer, ServicesMetrics
+from spoa.ondemand import OnDemand
 from spoa.ring import Ring
 from spoa.routing import Router
 
@@ -234,25 +235,43 @@ class Agent:
 
 class Agents:
     """Several services in one process: one `Agent` per service (its own SPOP port, control loop and
-    HAProxy backend) and one metrics server for all of them on METRICS_LISTEN."""
+    HAProxy backend) and one metrics server for all of them on METRICS_LISTEN. With a pattern in
+    SWARM_CONFIG_FILE, also the look-ups of its Hosts (spoa.ondemand), whose services get an `Agent`
+    of their own in one of the pattern's slots while they last."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.agents = tuple(Agent(one, serve_metrics=False) for one in service_settings(settings))
+        self.ondemand: OnDemand | None = None
+        if any(line.on_demand for line in settings.services):
+            self.ondemand = OnDemand(settings, make_agent=lambda one: Agent(one, serve_metrics=False),
+                                     start=self._start_slot, stop=self._stop_slot)
         # The process's own reads of HAProxy (fe_main's counters): no one service's runtime commands.
         self.api = RuntimeAPI(settings.admin_socket)
-        self.metrics = ServicesMetrics([agent.metrics for agent in self.agents])
+        self.metrics = ServicesMetrics([agent.metrics for agent in self.agents],
+                                       found=lambda: [agent.metrics for agent in self._found()],
+                                       extra=[self.ondemand] if self.ondemand is not None else [])
         self.metrics_server = MetricsServer(settings.metrics_listen, self.metrics, ready=self.ready,
                                             before_scrape=self.read_haproxy_decisions)
+        self._controls: dict[Agent, asyncio.Task[None]] = {}
+        self._stopping = asyncio.Event()
+
+    def _found(self) -> list[Agent]:
+        return self.ondemand.agents if self.ondemand is not None else []
 
     def ready(self) -> tuple[bool, str]:
-        """/readyz: ready when every service is; the body gives each service's reason, a line each."""
+        """/readyz: ready when every service is; the body gives each service's reason, a line each.
+        (The services a pattern finds are not waited for: each is ready before its Host is routed.)"""
         ok, lines = True, []
         for agent in self.agents:
             ready, why = agent.ready()
             ok = ok and ready
             lines.append(f"{agent.settings.service_name} ({agent.settings.service}): "
                          f"{'ready' if ready else 'NOT READY'}: {why}")
+        if self.ondemand is not None:
+            found = self.ondemand.agents
+            lines.append(f"found on demand: {len(found)} service(s)"
+                         + "".join(f", {a.settings.service} in {a.settings.haproxy_backend}" for a in found))
         return ok, "\n".join(lines)
 
     async def read_haproxy_decisions(self) -> None:
@@ -260,11 +279,12 @@ class Agents:
         service's counts go to its own metrics."""
         answer = await self.api.command(f"show table {COUNTS_TABLE}")
         counts = split_counts(parse_counts(answer))
-        for agent in self.agents:
+        for agent in (*self.agents, *self._found()):
             agent.metrics.haproxy_decisions.update(counts.get(agent.settings.service_name, {}))
 
     def stop(self) -> None:
-        for agent in self.agents:
+        self._stopping.set()
+        for agent in (*self.agents, *self._found()):
             agent.stop()
 
     async def _control(self, agent: Agent) -> None:
@@ -277,6 +297,21 @@ class Agents:
                 agent.log.exception("control loop failed; restarting it")
                 await asyncio.sleep(HEALTH_INTERVAL)
 
+    async def _start_slot(self, agent: Agent) -> None:
+        """A service a pattern found: its SPOP server and control loop, as a configured one's."""
+        await agent.server.start()
+        self._controls[agent] = asyncio.create_task(self._control(agent),
+                                                    name=f"control-loop {agent.settings.service_name}")
+
+    async def _stop_slot(self, agent: Agent) -> None:
+        agent.stop()
+        task = self._controls.pop(agent, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await agent.server.wait_closed()
+
     async def run(self) -> None:
         started: list[Agent] = []
         try:
@@ -284,25 +319,31 @@ class Agents:
                 await agent.server.start()
                 started.append(agent)
             await self.metrics_server.start()
+            if self.ondemand is not None:
+                await self.ondemand.start()
         except BaseException:
             for agent in started:
                 agent.stop()
             raise
         remove = install_signal_handlers(self.stop)
-        controls = [asyncio.create_task(self._control(agent), name=f"control-loop {agent.settings.service_name}")
-                    for agent in self.agents]
+        for agent in self.agents:
+            self._controls[agent] = asyncio.create_task(self._control(agent),
+                                                        name=f"control-loop {agent.settings.service_name}")
         try:
-            await asyncio.gather(*(agent.server.wait_closed() for agent in self.agents))
+            await self._stopping.wait()
         finally:
             remove()
             self.stop()
-            for task in controls:
+            if self.ondemand is not None:
+                await self.ondemand.close()
+            for task in self._controls.values():
                 task.cancel()
-            for task in controls:
+            for task in self._controls.values():
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await asyncio.gather(*(agent.server.wait_closed() for agent in (*self.agents, *self._found())))
             await self.metrics_server.close()
-            log.info("agent stopped (%d services)", len(self.agents))
+            log.info("agent stopped (%d services)", len(self.agents) + len(self._found()))
 
 
 def _describe(before: frozenset[Any], after: frozenset[Any], limit: int = 8) -> str:
@@ -347,7 +388,8 @@ def run_agent(settings: Settings) -> int:
     if settings.services:
         log.info("haproxy-swarm agent: %d services from %s, nameserver %s, metrics on %s",
                  len(settings.services), settings.config_file, settings.nameserver, settings.metrics_listen)
-        for line, one in zip(settings.services, service_settings(settings), strict=True):
+        for line, one in zip([line for line in settings.services if not line.on_demand], service_settings(settings),
+                             strict=True):
             log.info("service %s: %s for %s -> backend %s, sticky key %s, SPOP on %s", one.service_name,
                      one.service, line.route or "requests no route takes", one.haproxy_backend,
                      ",".join(map(str, one.sticky_key)), one.listen)

@@ -694,11 +694,13 @@ def parse_service_lines(lines: Sequence[tuple[int, str]], path: str) -> tuple[Se
             raise ConfigError(f"SWARM_CONFIG_FILE ({path}) line {number}: {text!r}: {e}") from None
     seen: dict[object, ServiceLine] = {}
     for line in services:
-        for what, key in (("name", ("name", line.name)), ("route", ("route", line.route))):
+        for what, key in (("name", ("name", line.name)), ("route", ("route", line.route)),
+                          ("service", ("service", str(line.service)))):
             other = seen.get(key)
             if other is not None:
                 shown = "default service (no route)" if what == "route" and line.route is None else f"{what} {key[1]}"
-                hint = "; give one of them name=..." if what == "name" else ""
+                hint = {"name": "; give one of them name=...",
+                        "service": " (one service, one line: its metrics and status are by service)"}.get(what, "")
                 raise ConfigError(f"SWARM_CONFIG_FILE ({path}) line {line.line}: the {shown} is already "
                                   f"line {other.line}'s{hint}")
             seen[key] = line

@@ -429,18 +429,25 @@ class Metrics(AgentObserver):
         return _registry(self)
 
 
+class Collector(Protocol):
+    def collect(self) -> Iterator[Metric]: ...
+
+
 class ServicesMetrics:
     """The collector of several services in one process: each family once, with every service's
     samples (prometheus-client refuses two collectors that give the same family names)."""
 
-    def __init__(self, services: Sequence[Metrics]) -> None:
-        if not services:
-            raise ValueError("no services")
+    def __init__(self, services: Sequence[Metrics], *, found: Callable[[], Sequence[Metrics]] = tuple,
+                 extra: Sequence[Collector] = ()) -> None:
+        """`found`: the services found on demand now (spoa.ondemand); `extra`: collectors whose
+        families no service has."""
         self.services = tuple(services)
+        self.found = found
+        self.extra = tuple(extra)
 
     def collect(self) -> Iterator[Metric]:
         merged: dict[str, Metric] = {}
-        for metrics in self.services:
+        for metrics in (*self.services, *self.found()):
             for family in metrics.collect():
                 out = merged.get(family.name)
                 if out is None:
@@ -455,6 +462,8 @@ class ServicesMetrics:
                         sample = sample._replace(labels={"service": metrics.service, **sample.labels})
                     out.samples.append(sample)
         yield from merged.values()
+        for collector in self.extra:
+            yield from collector.collect()
 
     def registry(self) -> CollectorRegistry:
         """A registry with the merged collector and the process's own metrics, once."""

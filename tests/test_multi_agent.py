@@ -483,9 +483,7 @@ E2E_SERVICES = (("shop", "shop.test", ""), ("api", "example.test/api", "key=head
 
 @pytest.fixture(scope="module")
 def product() -> Iterator[Services]:
-    services = Services(E2E_SERVICES, n_slots=3)
-    services.agent_port = free_ports(len(E2E_SERVICES))  # a SPOP port per service, consecutive
-    with services:
+    with Services(E2E_SERVICES, n_slots=3) as services:
         yield services
 
 

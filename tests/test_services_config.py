@@ -146,3 +146,8 @@ def test_route_rank_is_most_specific_first() -> None:
     routes = [Route("", "/a"), Route("*.x.com", ""), Route("x.com", ""), Route("x.com", "/a/b"), Route("x.com", "/a")]
     assert sorted(routes, key=lambda r: r.rank) == [Route("x.com", "/a/b"), Route("x.com", "/a"), Route("x.com", ""),
                                                     Route("*.x.com", ""), Route("", "/a")]
+
+
+def test_one_service_on_two_lines_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"line 2: the service tasks.shop:80 is already line 1's"):
+        load(tmp_path, "shop.example.com tasks.shop:80\nwww.shop.example.com tasks.shop:80 name=shop2\n")

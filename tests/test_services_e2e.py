@@ -17,10 +17,10 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+from polling import wait_for
 
 from spoa.local.client import User
 from spoa.local.services import Services
-from tests.polling import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

@@ -44,6 +44,16 @@ def section(config: str, header: str) -> str:
             lines.append(line)
     if not lines:
         raise ValueError(f"no section {header!r} in the config")
+    # A conditional opened after the section's last line belongs to what follows (e.g. an `.if`
+    # around the next section): leave it out.
+    opened: list[int] = []
+    for n, line in enumerate(lines):
+        if line.startswith(".if"):
+            opened.append(n)
+        elif line.startswith(".endif") and opened:
+            opened.pop()
+    if opened:
+        lines = lines[:opened[0]]
     return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from spoa.local.backends import Backend
-from spoa.local.ports import free_port
+from spoa.local.ports import free_port, free_ports
 from spoa.local.stack import Stack, parse_servers_state
 
 
@@ -35,14 +35,24 @@ class Service:
         return " ".join(word for word in (self.route or "", target, self.options) if word)
 
 
+# A service that is in DNS only, for a pattern to find (`Services(..., patterns=...)`).
+ON_DEMAND = "(on demand)"
+
+
 class Services(Stack):
     """`Stack`, with several services from a SWARM_CONFIG_FILE instead of one SWARM_SERVICE."""
 
     def __init__(self, services: Sequence[tuple[str, str | None, str]], n_slots: int = 4,
-                 env: Mapping[str, str] | None = None, refresh: float = 0.5) -> None:
-        """`services`: (name, route or None for the default service, options) per line."""
+                 env: Mapping[str, str] | None = None, refresh: float = 0.5,
+                 patterns: Sequence[tuple[str, str]] = ()) -> None:
+        """`services`: (name, route or None for the default service, options) per line; a route
+        ON_DEMAND: in DNS only, for `patterns` to find: (route such as `*.apps.example.com`,
+        options) lines whose target is `tasks.{1}:<port>`."""
         port = free_port("127.0.10.2")
         super().__init__(n_slots=0, env=env, refresh=refresh, backend_port=port)
+        self.patterns = list(patterns)
+        # SPOP ports: one per service, one per slot of each pattern (max=, 8 by default), one more.
+        self.agent_port = free_ports(len(services) + sum(_max(options) for _, options in patterns) + 1)
         self.services = {
             name: Service(name, route, options,
                           [Backend(f"127.0.{10 + k}.{i + 2}", port, name=f"{name}-{i + 1}") for i in range(n_slots)])
@@ -53,7 +63,9 @@ class Services(Stack):
 
     def write_config(self, names: Iterable[str] | None = None) -> None:
         """Write the file with the services `names` (all by default), atomically, as Swarm does."""
-        lines = [self.services[n].line(self.backend_port) for n in (names or self.services)]
+        self.listed = [n for n in (names or self.services) if self.services[n].route != ON_DEMAND]
+        lines = [self.services[n].line(self.backend_port) for n in self.listed]
+        lines += [f"{route} tasks.{{1}}:{self.backend_port} {options}".rstrip() for route, options in self.patterns]
         tmp = self.config_file + ".tmp"
         with open(tmp, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -74,7 +86,7 @@ class Services(Stack):
                     service.tasks[i].start()
         super().start(members=(), wait=False, start_backends=False)  # DNS: scale() below
         if wait:
-            for name in self.services:
+            for name in self.listed:
                 self.wait_service(name, slots)
         return self
 
@@ -92,11 +104,19 @@ class Services(Stack):
                 service.tasks[i].start()
         service.members = wanted
         self._publish_dns()
+        if wait:
+            self.wait_service(name, wanted)
+            # As a Swarm task ends its requests in flight on SIGTERM: a removed task stops once the
+            # agent has drained and deleted its server (DRAIN_TIMEOUT), not while a request waits on it.
+            gone = {t.address for i, t in enumerate(service.tasks) if i not in wanted}
+            deadline = time.monotonic() + 20
+            while any(f"{r['srv_addr']}:{r['srv_port']}" in gone for r in self.servers_of(name)):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"be_{name} still holds a removed task's server:\n{self.log_tail()}")
+                time.sleep(0.05)
         for i, task in enumerate(service.tasks):
             if i not in wanted:
                 task.stop()
-        if wait:
-            self.wait_service(name, wanted)
 
     def _publish_dns(self) -> None:
         self.dns.set_hosts({f"tasks.{s.name}": [s.tasks[i].ip for i in s.members]
@@ -133,10 +153,17 @@ class Services(Stack):
                            f"{self.readyz()}; log:\n{self.log_tail()}")
 
     def __enter__(self) -> Services:
+        if self.proc is not None and self.proc.poll() is None:
+            return self  # `with services.start(members):` - already started
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
 
-__all__ = ["Service", "Services"]
+def _max(options: str) -> int:
+    """A pattern line's max= (8 when not given, spoa.config.DEFAULT_ON_DEMAND)."""
+    return next((int(word[4:]) for word in options.split() if word.startswith("max=")), 8)
+
+
+__all__ = ["ON_DEMAND", "Service", "Services"]
