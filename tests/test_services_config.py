@@ -151,3 +151,34 @@ def test_route_rank_is_most_specific_first() -> None:
 def test_one_service_on_two_lines_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"line 2: the service tasks.shop:80 is already line 1's"):
         load(tmp_path, "shop.example.com tasks.shop:80\nwww.shop.example.com tasks.shop:80 name=shop2\n")
+
+
+def test_a_pattern_line_has_slots_after_the_services_ports(tmp_path: Path) -> None:
+    from spoa.config import ondemand_listen, ondemand_slots
+
+    s = load(tmp_path, "shop.example.com tasks.shop:80\n*.apps.example.com tasks.{1}:8080 max=3 check=/hc\n",
+             AGENT_LISTEN="127.0.0.1:12000")
+    assert [one.service_name for one in service_settings(s)] == ["shop"]  # type: ignore[arg-type]
+    ((line, slots),) = ondemand_slots(s)  # type: ignore[arg-type]
+    assert line.name == "apps" and line.on_demand == 3
+    assert line.target_for("blog") == ServiceSpec("tasks.blog", 8080)
+    assert [one.haproxy_backend for one in slots] == ["be_apps_1", "be_apps_2", "be_apps_3"]
+    assert [one.listen.port for one in slots] == [12001, 12002, 12003]
+    assert {one.sticky_cookie for one in slots} == {"SWARMID_apps"}  # one cookie: each Host is its own
+    assert {one.check_path for one in slots} == {"/hc"}
+    assert ondemand_listen(s) == HostPort("127.0.0.1", 12004)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("apps.example.com tasks.{1}:80\n", ["line 1", "needs a route such as *.apps.example.com"]),
+    ("*.apps.example.com/x tasks.{1}:80\n", ["line 1", "no path"]),
+    ("*.a.example.com tasks.{1}-{1}:80\n", ["line 1", "may appear once"]),
+    ("shop.example.com tasks.shop:80 max=3\n", ["line 1", "max= is for a pattern"]),
+    ("*.a.example.com tasks.{1}:80 max=0\n", ["line 1", "max=0"]),
+    ("*.a.example.com tasks.{1}:80 max=65\n", ["line 1", "max=65"]),
+])
+def test_a_bad_pattern_line_names_what_is_wrong(tmp_path: Path, text: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, text)
+    for word in words:
+        assert word in str(e.value), str(e.value)
