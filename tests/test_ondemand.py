@@ -44,6 +44,11 @@ def get(stack: Services, host: str, who: User | None = None, path: str = "/") ->
     return answer.status, stack.service_of(answer.served_by), time.monotonic() - started
 
 
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def lookups(stack: Services, outcome: str) -> float:
     return stack.metric("haproxy_swarm_ondemand_lookups_total", outcome=outcome)
 
@@ -98,17 +103,23 @@ def test_max_bounds_the_services_found(apps: Services) -> None:
 
 
 def test_random_hosts_grow_nothing_beyond_the_limits(apps: Services) -> None:
-    servers_before = {name: len(apps.servers_of(f"apps_{n}")) for n in (1, 2) for name in [f"apps_{n}"]}
+    servers_before = {name: len(apps.servers_of(name)) for name in ("apps_1", "apps_2")}
     dns_before = sum(lookups(apps, o) for o in ("found", "missing", "full"))
+    agent = apps.agent_pid()
+    assert agent is not None
+    get(apps, "warmup.apps.example.com")
+    rss_before = rss_kib(agent)
     started = time.monotonic()
-    statuses = [get(apps, f"r{n}x{os.getpid()}.apps.example.com")[0] for n in range(200)]
+    statuses = [get(apps, f"r{n}x{os.getpid()}.apps.example.com")[0] for n in range(1000)]
     elapsed = time.monotonic() - started
+    grown = rss_kib(agent) - rss_before
     assert set(statuses) == {404}
     dns = sum(lookups(apps, o) for o in ("found", "missing", "full")) - dns_before
     budget = LOOKUPS_PER_SECOND * (elapsed + 1) + LOOKUPS_PER_SECOND
-    print(f"\n200 random Hosts in {elapsed:.1f}s: {dns:.0f} looked up (budget {budget:.0f}), "
-          f"{lookups(apps, 'limited'):.0f} refused by the rate")
+    print(f"\n1,000 random Hosts in {elapsed:.1f}s: {dns:.0f} looked up (budget {budget:.0f}), "
+          f"{lookups(apps, 'limited'):.0f} refused by the rate; agent RSS {grown:+d} KiB")
     assert dns <= budget
+    assert grown < 4096, f"the agent grew by {grown} KiB"
     assert lookups(apps, "limited") > 0
     assert {name: len(apps.servers_of(name)) for name in servers_before} == servers_before
     assert apps.metric("haproxy_swarm_ondemand_misses") <= 10_000
