@@ -233,3 +233,16 @@ def test_a_scale_event_republishes_under_load_and_fails_nothing() -> None:
     assert republished >= 2, "the scale-up and the scale-down each republished the table"
     assert not wrong, wrong[:5]
     assert any(r.served_by == new for r in load.records() if t_up <= r.t < t_down), "the new member served"
+
+
+@pytest.mark.parametrize("slots", [
+    tuple(f"10.0.0.{slot % 7 + 1}_80" for slot in range(TABLE_SIZE)),  # the full table (fast path)
+    tuple("" if slot % 5 == 0 else f"s{slot % 3}" for slot in range(TABLE_SIZE)),  # slots without a server
+    ("a", "", "b"),  # a short table
+    (),
+])
+def test_slot_lines_hold_every_named_slot_once_in_key_text_order(slots: tuple[str, ...]) -> None:
+    lines = DecisionTable(slots).slot_lines().splitlines()
+    assert sorted(lines) == sorted(f"{slot} {name}".encode() for slot, name in enumerate(slots) if name)
+    keys = [line.split(b" ")[0] for line in lines]
+    assert keys == sorted(keys), "sent in the order of the keys as text (0, 1, 10, 100, ...)"
