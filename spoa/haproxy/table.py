@@ -23,7 +23,7 @@ Cost of a full replacement of 65,536 slots (bench/publish.py, docs/performance.m
 CPU is most of it (75-100 ms parsing the `add map` lines into its string tree, ~30 ms purging the
 old version at `commit map`, on the shared 2-CPU machine); the lines go in key-text order, which
 HAProxy inserts with fewer cache misses, built in ~7 ms; ~99 chunks, one connection each. Medians
-of 115-120 ms before that order on a quiet machine; 155-180 ms on 3.4 on a busy one. A table equal
+of 115-120 ms before that order on a quiet machine; 137-335 ms on a busy one. A table equal
 to the published one costs nothing (compared by identity, then by value), so the steady state
 sends no command at all.
 """
