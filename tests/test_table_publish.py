@@ -7,6 +7,11 @@
   never get a slot without an entry (a half-written version: `prepare map` + `add map @ver` in
   chunks fill the new version slot by slot), never a generation whose publication had not started,
   and never an older generation after a newer one on the same connection.
+- `test_a_failed_chunk_commits_nothing`: HAProxy refuses one `add map` chunk in the middle of a
+  publication: the publication reports the failure, stops there, commits nothing (HAProxy keeps
+  answering every slot from the table before), is not taken as published, and the next
+  publication of the same table goes through whole. The chunks go in key-text order (`0`, `1`,
+  `10`, ...), not slot order: HAProxy's map holds exactly the table's lines either way.
 - `test_a_scale_event_republishes_under_load_and_fails_nothing`: the whole product under a load of
   cookie, header and source users while a member is added and removed again: every request
   answered 200, the table republished, and no user switches member more than once each way.
@@ -35,7 +40,7 @@ from spoa.local.client import users
 from spoa.local.load import Load
 from spoa.local.ports import free_port
 from spoa.local.stack import Stack
-from spoa.ring.hashing import TABLE_SIZE
+from spoa.ring.hashing import TABLE_SIZE, slot_of
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -140,6 +145,58 @@ def test_no_request_sees_a_half_written_table(lookup_haproxy: tuple[int, str, st
     assert total >= 10 * CLIENTS
 
 
+class _RefusedChunk(RuntimeAPI):
+    """The real admin socket, but the `refuse_at`-th `add map` chunk names a map HAProxy does not know
+    (HAProxy answers an error for that chunk, as it would for a version purged meanwhile)."""
+
+    def __init__(self, address: str, refuse_at: int) -> None:
+        super().__init__(address)
+        self.refuse_at = refuse_at
+        self.chunks_sent = 0
+
+    async def payload_command(self, command: str, payload: bytes) -> str:
+        self.chunks_sent += 1
+        if self.chunks_sent == self.refuse_at:
+            command = command.rsplit(" ", 1)[0] + " /nonexistent/slots.map"
+        return await super().payload_command(command, payload)
+
+
+def test_a_failed_chunk_commits_nothing(lookup_haproxy: tuple[int, str, str]) -> None:
+    port, socket_path, slot_map = lookup_haproxy
+    before = DecisionTable(tuple(f"old{slot % 7}" for slot in range(TABLE_SIZE)))
+    after = DecisionTable(tuple(f"new{slot % 5}" for slot in range(TABLE_SIZE)))
+    api = _RefusedChunk(socket_path, refuse_at=5)
+    publisher = TablePublisher(api, slot_map, None, write_files=False)
+
+    async def held() -> set[tuple[str, str]]:
+        async with RuntimeAPI(socket_path).session() as s:
+            return {(e.key, e.value) for e in await s.show_map(slot_map)}
+
+    async def scenario() -> None:
+        assert (await TablePublisher(RuntimeAPI(socket_path), slot_map, None, write_files=False)
+                .publish(before)).ok
+        report = await publisher.publish(after)
+        assert not report.ok and "Unknown map" in report.error, report
+        assert api.chunks_sent == 5, "the publication stops at the refused chunk"
+        assert publisher.published is None and not publisher.is_current(after)
+        assert await held() == {(str(s), n) for s, n in enumerate(before.slots)}, \
+            "HAProxy still holds the whole table before, nothing of the refused one"
+        retry = await publisher.publish(after)
+        assert retry.ok and retry.changed, retry
+        assert await held() == {(str(s), n) for s, n in enumerate(after.slots)}
+
+    asyncio.run(scenario())
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for key in ("a", "b", "user-42"):
+            conn.request("GET", "/", headers={"X-Key": key})
+            value = conn.getresponse().read().decode()
+            slot = slot_of(key.encode())
+            assert value == after.slots[slot], (key, slot, value)
+    finally:
+        conn.close()
+
+
 def test_a_scale_event_republishes_under_load_and_fails_nothing() -> None:
     people = users(150, "p", network="127.9")
     for u in people[:50]:
@@ -176,3 +233,16 @@ def test_a_scale_event_republishes_under_load_and_fails_nothing() -> None:
     assert republished >= 2, "the scale-up and the scale-down each republished the table"
     assert not wrong, wrong[:5]
     assert any(r.served_by == new for r in load.records() if t_up <= r.t < t_down), "the new member served"
+
+
+@pytest.mark.parametrize("slots", [
+    tuple(f"10.0.0.{slot % 7 + 1}_80" for slot in range(TABLE_SIZE)),  # the full table (fast path)
+    tuple("" if slot % 5 == 0 else f"s{slot % 3}" for slot in range(TABLE_SIZE)),  # slots without a server
+    ("a", "", "b"),  # a short table
+    (),
+])
+def test_slot_lines_hold_every_named_slot_once_in_key_text_order(slots: tuple[str, ...]) -> None:
+    lines = DecisionTable(slots).slot_lines().splitlines()
+    assert sorted(lines) == sorted(f"{slot} {name}".encode() for slot, name in enumerate(slots) if name)
+    keys = [line.split(b" ")[0] for line in lines]
+    assert keys == sorted(keys), "sent in the order of the keys as text (0, 1, 10, 100, ...)"
