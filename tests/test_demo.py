@@ -36,7 +36,22 @@ def test_demo_walks_through_scale_up_and_down_and_cleans_up() -> None:
     spread = re.search(r"60 new users: \{(.*)\}", out)
     assert spread and "'task-4'" in spread.group(1) and "'task-5'" in spread.group(1)
     assert ": no reload" in out
-    assert "127.0.0.2_" in out  # the status table lists the members
+    assert "127.0.10.2_" in out  # the status table lists the members
+    # Issue 12: a second service, api, routed by Host: its own tasks, cookie and backend; scaling it
+    # moves no user of either service, and every answer came from the service the Host names (the
+    # demo stops with an error on any other answer).
+    api = re.search(r"20 users with Host: api\.localhost: \{(.*)\}, cookies \['SWARMID_api'\]; sent again, 0 moved",
+                    out)
+    assert api and set(re.findall(r"'(api-\d)'", api.group(1))) == {"api-1", "api-2"}, out
+    assert "Host: www.localhost (no line routes it) → task-" in out
+    assert re.search(r"HAProxy shows 4 api tasks UP [\d.]+s after the DNS change", out)
+    assert "the 20 api users: 0 moved; the 60 demo users: 0 moved" in out
+    new_api = re.search(r"40 new api users: \{(.*)\}", out)
+    assert new_api and "'api-3'" in new_api.group(1) and "'api-4'" in new_api.group(1)
+    assert re.search(r"every answer so far came from a task of the service its Host names: \d+ from demo's tasks, "
+                     r"\d+ from api's", out)
+    assert "service tasks.api:" in out and "-> backend be_api" in out and "127.0.11.5_" in out
+    assert "-> backend be_demo" in out
     for port in ports:  # everything it started is gone: nothing listens on its ports any more
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener

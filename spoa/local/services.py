@@ -44,12 +44,12 @@ class Services(Stack):
 
     def __init__(self, services: Sequence[tuple[str, str | None, str]], n_slots: int = 4,
                  env: Mapping[str, str] | None = None, refresh: float = 0.5,
-                 patterns: Sequence[tuple[str, str]] = ()) -> None:
+                 patterns: Sequence[tuple[str, str]] = (), ports: tuple[int, int, int] | None = None) -> None:
         """`services`: (name, route or None for the default service, options) per line; a route
         ON_DEMAND: in DNS only, for `patterns` to find: (route such as `*.apps.example.com`,
-        options) lines whose target is `tasks.{1}:<port>`."""
+        options) lines whose target is `tasks.{1}:<port>`. `ports`: (traffic, stats, metrics)."""
         port = free_port("127.0.10.2")
-        super().__init__(n_slots=0, env=env, refresh=refresh, backend_port=port)
+        super().__init__(n_slots=0, env=env, refresh=refresh, backend_port=port, ports=ports)
         self.patterns = list(patterns)
         # SPOP ports: one per service, one per slot of each pattern (max=, 8 by default), one more.
         self.agent_port = free_ports(len(services) + sum(_max(options) for _, options in patterns) + 1)
@@ -76,18 +76,19 @@ class Services(Stack):
         del env["SWARM_SERVICE"]
         return env | {"SWARM_CONFIG_FILE": self.config_file}
 
-    def start(self, members: Iterable[int] = (0, 1), wait: bool = True, start_backends: bool = True) -> Services:
-        """Start with the task slots `members` of every service in DNS."""
-        slots = sorted(set(members))
+    def start(self, members: Iterable[int] = (0, 1), wait: bool = True, start_backends: bool = True,
+              members_of: Mapping[str, Iterable[int]] | None = None) -> Services:
+        """Start with the task slots `members` of every service in DNS (`members_of`: other slots
+        for the services it names)."""
         for service in self.services.values():
-            service.members = slots
+            service.members = sorted(set((members_of or {}).get(service.name, members)))
             if start_backends:
-                for i in slots:
+                for i in service.members:
                     service.tasks[i].start()
         super().start(members=(), wait=False, start_backends=False)  # DNS: scale() below
         if wait:
             for name in self.listed:
-                self.wait_service(name, slots)
+                self.wait_service(name, self.services[name].members)
         return self
 
     def scale(self, members: Iterable[int], wait: bool = True, start_backends: bool = True,
@@ -108,15 +109,20 @@ class Services(Stack):
             self.wait_service(name, wanted)
             # As a Swarm task ends its requests in flight on SIGTERM: a removed task stops once the
             # agent has drained and deleted its server (DRAIN_TIMEOUT), not while a request waits on it.
-            gone = {t.address for i, t in enumerate(service.tasks) if i not in wanted}
-            deadline = time.monotonic() + 20
-            while any(f"{r['srv_addr']}:{r['srv_port']}" in gone for r in self.servers_of(name)):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"be_{name} still holds a removed task's server:\n{self.log_tail()}")
-                time.sleep(0.05)
+            self.wait_removed(name)
         for i, task in enumerate(service.tasks):
             if i not in wanted:
                 task.stop()
+
+    def wait_removed(self, name: str, timeout: float = 20.0) -> None:
+        """Wait until be_`name` holds no server of a task that is not a member (drained and deleted)."""
+        service = self.services[name]
+        gone = {t.address for i, t in enumerate(service.tasks) if i not in service.members}
+        deadline = time.monotonic() + timeout
+        while any(f"{r['srv_addr']}:{r['srv_port']}" in gone for r in self.servers_of(name)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"be_{name} still holds a removed task's server:\n{self.log_tail()}")
+            time.sleep(0.05)
 
     def _publish_dns(self) -> None:
         self.dns.set_hosts({f"tasks.{s.name}": [s.tasks[i].ip for i in s.members]

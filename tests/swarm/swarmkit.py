@@ -162,14 +162,19 @@ def in_task(container: str, url: str, timeout: float = 20.0) -> str:
     return docker("exec", container, "python3", "-c", code, timeout=timeout)
 
 
-def app_servers(container: str) -> dict[str, str]:
-    """be_app's agent-written servers (not the `dns` fallbacks) and their status, from the stats CSV
-    of the HAProxy in `container`: {"10.0.1.5_80": "UP", ...}."""
-    rows = in_task(container, "http://127.0.0.1:8888/;csv").splitlines()
+def app_servers(container: str, backend: str = "be_app") -> dict[str, str]:
+    """`backend`'s agent-written servers and their status, from the stats CSV of the HAProxy in
+    `container`: {"10.0.1.5_80": "UP", ...}."""
+    return backend_servers(in_task(container, "http://127.0.0.1:8888/;csv"), backend)
+
+
+def backend_servers(stats_csv: str, backend: str) -> dict[str, str]:
+    """`backend`'s agent-written servers (not the `dns` fallbacks) and their status, from HAProxy's
+    stats CSV (`/;csv` of the stats page)."""
     servers = {}
-    for row in rows[1:]:
+    for row in stats_csv.splitlines()[1:]:
         cols = row.split(",")
-        if len(cols) > 17 and cols[0] == "be_app" and cols[1] not in ("BACKEND", "FRONTEND") \
+        if len(cols) > 17 and cols[0] == backend and cols[1] not in ("BACKEND", "FRONTEND") \
                 and not cols[1].startswith("dns"):
             servers[cols[1]] = cols[17]
     return servers

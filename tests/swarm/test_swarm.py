@@ -14,6 +14,7 @@ import http.client
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from swarmkit import (
     Swarm,
     analyse,
     app_servers,
+    backend_servers,
     docker,
     in_task,
     read_records,
@@ -61,9 +63,17 @@ def swarm(images: Images) -> Iterator[Swarm]:
     assert not left, f"left behind: {left}"
 
 
-def get_local(port: int, path: str = "/", cookie: str | None = None) -> http.client.HTTPResponse:
+def stats_csv(port: int = 8888) -> str:
+    try:
+        return get_local(port, "/;csv").body.decode()  # type: ignore[attr-defined,no-any-return]
+    except OSError:
+        return ""
+
+
+def get_local(port: int, path: str = "/", cookie: str | None = None,
+              headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    conn.request("GET", path, headers={"Cookie": cookie} if cookie else {})
+    conn.request("GET", path, headers=(headers or {}) | ({"Cookie": cookie} if cookie else {}))
     resp = conn.getresponse()
     resp.body = resp.read()  # type: ignore[attr-defined]
     conn.close()
@@ -267,4 +277,174 @@ def test_shipped_stack_scales_survives_a_kill_and_a_rolling_restart(swarm: Swarm
 
     swarm.remove_stack(STACK)
     # Every step ran (each one's figures are printed); the requirements they missed fail the test here.
+    assert not problems, "\n".join(problems)
+
+
+# Two services behind one haproxy-swarm (issue 12): two lines routed by Host, no default service.
+TWO_STACK = "twosvc"
+TWO_NETWORK = f"{TWO_STACK}_apps"
+TWO_SERVICES = ("shop.localhost tasks.shop:80 key=cookie:SWARMID\n"
+                "api.localhost tasks.api:80 key=header:X-User")
+HOSTS = {"shop": "shop.localhost", "api": "api.localhost"}
+
+
+class Crowd:
+    """Users of the two services on 127.0.0.1:8099 (the HAProxy replica's host-mode port), each
+    its own thread and cookie jar, one request at a time on a fresh connection, `think` seconds
+    apart; a shop user sends `Host: shop.localhost`, an api user `Host: api.localhost` and its
+    `X-User` (the api's sticky key). Anything but a 200 with an X-Served-By is a failure."""
+
+    def __init__(self, think: float = 0.2) -> None:
+        self.think = think
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.records: dict[str, list[Record]] = {name: [] for name in HOSTS}
+        self.cookie_names: dict[str, set[str]] = {name: set() for name in HOSTS}
+        self.threads: list[threading.Thread] = []
+
+    def add(self, service: str, n: int) -> None:
+        for _ in range(n):
+            name = f"{service}-{sum(t.name.startswith(service + '-') for t in self.threads):02d}"
+            t = threading.Thread(target=self.user, args=(service, name), name=name, daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def user(self, service: str, name: str) -> None:
+        cookies: dict[str, str] = {}
+        headers = {"Host": HOSTS[service], "Connection": "close"} | ({"X-User": name} if service == "api" else {})
+        while not self.stop.is_set():
+            t = time.time()
+            status, served_by, cookie_set, error = 0, None, False, ""
+            try:
+                jar = "; ".join(f"{k}={v}" for k, v in cookies.items()) or None
+                resp = get_local(8099, cookie=jar, headers=headers)
+                status, served_by = resp.status, resp.getheader("X-Served-By")
+                set_cookie = resp.getheader("Set-Cookie")
+                if set_cookie:
+                    cookie_set = True
+                    key, _, rest = set_cookie.partition("=")
+                    cookies[key.strip()] = rest.split(";", 1)[0].strip()
+                    with self.lock:
+                        self.cookie_names[service].add(key.strip())
+            except (OSError, http.client.HTTPException) as e:
+                error = repr(e)
+            record = Record(t, name, None, status, served_by, cookie_set, error, None, round(time.time() - t, 4))
+            with self.lock:
+                self.records[service].append(record)
+            self.stop.wait(self.think)
+
+    def of(self, service: str) -> list[Record]:
+        with self.lock:
+            return list(self.records[service])
+
+    def users(self, service: str) -> int:
+        return sum(t.name.startswith(service + "-") for t in self.threads)
+
+    def each_answered_since(self, t: float, n: int) -> bool:
+        """Every user of both services has had `n` good answers since `t`."""
+        for service in HOSTS:
+            seen: dict[str, int] = {}
+            for r in self.of(service):
+                seen[r.user] = seen.get(r.user, 0) + (r.t >= t and r.ok)
+            if len(seen) < self.users(service) or any(c < n for c in seen.values()):
+                return False
+        return True
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=10)
+
+
+@pytest.mark.timeout(300)
+def test_two_services_behind_one_haproxy_swarm_stay_apart(swarm: Swarm, request: pytest.FixtureRequest) -> None:
+    """One haproxy-swarm, one Swarm config with two lines routed by Host (tests/swarm/stacks/
+    two-services.yml): every answer comes from a task of the service the Host names, each user
+    stays on its task, scaling one service disturbs no user of the other, an unknown Host is a 404."""
+    for port in (8099, 8888):
+        assert not answers(port), f"127.0.0.1:{port} is taken before the test; the stack publishes it"
+    swarm.create_config("two-services", TWO_SERVICES)
+    swarm.deploy(TWO_STACK, "tests/swarm/stacks/two-services.yml")
+
+    def service(name: str) -> str:
+        return f"{TWO_STACK}_{name}"
+
+    def running(name: str) -> set[str]:
+        return {t.ip for t in tasks(service(name), TWO_NETWORK)}
+
+    wait_for(lambda: len(running("shop")) == 2 and len(running("api")) == 2 and len(running("haproxy-swarm")) == 1,
+             "two shop tasks, two api tasks and one HAProxy replica run", 120, 0.5)
+    members = {name: running(name) for name in HOSTS}
+    ever = {name: set(ips) for name, ips in members.items()}  # every address a service's tasks had
+
+    def each_backend_has_its_tasks() -> bool:
+        """be_shop holds exactly the shop tasks, all UP, and be_api the api tasks (stats on 127.0.0.1:8888)."""
+        csv = stats_csv()
+        return all(backend_servers(csv, f"be_{name}") == {server_name(ip): "UP" for ip in ips}
+                   for name, ips in members.items())
+
+    try:
+        wait_for(each_backend_has_its_tasks, "be_shop and be_api each list their own tasks UP", 90, 0.3)
+    except AssertionError as e:
+        logs = docker("service", "logs", "--tail", "20", service("haproxy-swarm"), check=False, timeout=30)
+        raise AssertionError(f"{e}\nstats:\n{stats_csv()}\nhaproxy-swarm's log:\n{logs}") from None
+
+    # A Host no line routes: HAProxy's 404, no task asked.
+    for host in ("unknown.localhost", "shop.localhost.example.net", "localhost"):
+        nobody = get_local(8099, headers={"Host": host})
+        assert nobody.status == 404, f"Host {host}: HTTP {nobody.status}"
+        assert nobody.getheader("X-Served-By") is None, f"Host {host} reached a task"
+
+    crowd = Crowd()
+    request.addfinalizer(crowd.close)
+    crowd.add("shop", 8)
+    crowd.add("api", 8)
+    wait_for(lambda: crowd.each_answered_since(0, 3), "every user has three answers", 60, 0.5)
+
+    problems: list[str] = []
+
+    def check(ok: bool, problem: str) -> None:
+        if not ok:
+            problems.append(problem)
+    for scaled, replicas in (("shop", 4), ("api", 1)):
+        before = set(members[scaled])
+        start = time.time()
+        scale(service(scaled), replicas)
+        members[scaled] = running(scaled)
+        assert len(members[scaled]) == replicas
+        ever[scaled] |= members[scaled]
+        wait_for(each_backend_has_its_tasks, f"be_{scaled} has its {replicas} tasks UP and only them, "
+                 "the other backend unchanged", 90, 0.3)
+        settled = time.time()
+        crowd.add(scaled, 12)
+        wait_for(lambda s=settled: crowd.each_answered_since(s, 4),  # type: ignore[misc]
+                 "every user answered 4 times after the change", 60, 0.5)
+        for name in HOSTS:
+            step = analyse(f"scale {scaled} {len(before)} -> {replicas}, {name}'s users", crowd.of(name),
+                           start, settled, time.time(), members[name])
+            print(step.line())
+            check(step.failed == 0, f"{step.name}: failed requests {step.failures[:5]}")
+            check(not step.users_moved, f"{step.name}: users whose task stayed but who moved: {step.users_moved}")
+            check(not step.disagreements, f"{step.name}: {step.disagreements[:5]}")
+            check(not step.removed_unsettled,
+                  f"{step.name}: users of removed tasks not settled {step.removed_unsettled[:5]}")
+            if name != scaled:
+                check(step.users_of_removed == 0 and step.users_kept == crowd.users(name),
+                      f"{step.name}: {step.users_kept} of {crowd.users(name)} users kept their task")
+            elif replicas > len(before):
+                check(bool(step.new_users_tasks & (members[scaled] - before)),
+                      f"{step.name}: no new user reached a new task ({step.new_users_tasks})")
+
+    crowd.close()
+    for name, other in (("shop", "api"), ("api", "shop")):
+        records = crowd.of(name)
+        served = {r.task for r in records if r.ok}
+        print(f"{name}: {len(records)} requests from {crowd.users(name)} users, {sum(not r.ok for r in records)} "
+              f"failed, answered by {len(served)} tasks, slowest answer {max(r.latency for r in records):.2f} s")
+        check(served <= ever[name], f"{name}'s users were answered by {served - ever[name]}, not {name}'s tasks")
+        check(not served & ever[other], f"{name}'s users were answered by {other}'s tasks {served & ever[other]}")
+    check(crowd.cookie_names["shop"] == {"SWARMID_shop"}, f"shop's cookies: {crowd.cookie_names['shop']}")
+    check(crowd.cookie_names["api"] <= {"SWARMID_api"}, f"api's cookies: {crowd.cookie_names['api']}")
+
+    swarm.remove_stack(TWO_STACK)
     assert not problems, "\n".join(problems)
