@@ -30,12 +30,8 @@ RUN mkdir -p /var/run/haproxy-swarm && chown haproxy:haproxy /var/run/haproxy-sw
 # the same check as docs/verification.md's `haproxy -c`).
 RUN haproxy -c -f /etc/haproxy-swarm/haproxy.cfg
 
-# SPOE_CONF absolute: with several services, fe_main's SPOE filter (ondemand.conf) is parsed before
-# be_app's, and parsing it puts HAProxy back in the directory it started in (WORKDIR), where a
-# relative spoe.conf is not found.
 ENV PATH=/opt/haproxy-swarm/bin:$PATH \
     HAPROXY_CONFIG=/etc/haproxy-swarm/haproxy.cfg \
-    SPOE_CONF=/etc/haproxy-swarm/spoe.conf \
     PYTHONUNBUFFERED=1
 
 USER 99:99

@@ -49,6 +49,10 @@ class Supervisor:
         self.ready_timeout = ready_timeout
         self.reload_settings = reload_settings
         env = dict(os.environ) | settings_env(settings) | settings.haproxy_env()
+        config = Path(settings.haproxy_config or shipped_config()).resolve()
+        # Absolute: parsing one SPOE configuration leaves HAProxy's current directory where it started.
+        env["SPOE_CONF"] = str(config.parent / "spoe.conf")
+        env["ONDEMAND_CONF"] = str(config.parent / "ondemand.conf")
         extra: list[str] = []
         if settings.services:
             # Several services: each one's backend, from the shipped be_app (spoa.haproxy.template).

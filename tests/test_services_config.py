@@ -182,3 +182,16 @@ def test_a_bad_pattern_line_names_what_is_wrong(tmp_path: Path, text: str, words
         load(tmp_path, text)
     for word in words:
         assert word in str(e.value), str(e.value)
+
+
+def test_haproxy_accepts_every_services_backends_from_any_directory(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run` started elsewhere than beside haproxy.cfg (the image's WORKDIR): parsing fe_main's SPOE
+    file leaves HAProxy's current directory where it started, so every SPOE path must be absolute."""
+    from spoa.supervisor import Supervisor
+
+    s = load(tmp_path, THREE + "*.apps.example.com tasks.{1}:80 max=2\n", RUN_DIR=str(tmp_path / "run"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    Supervisor(s).haproxy.check()  # type: ignore[arg-type]  # raises HAProxyError with HAProxy's alerts

@@ -138,10 +138,12 @@ class HAProxyProcess:
     def check(self) -> None:
         """`haproxy -c`: raise HAProxyError with HAProxy's own message when the config is refused."""
         self.prepare()
-        res = subprocess.run([self.binary, "-c", "-q", *self._config_args()], env=self.env,
+        res = subprocess.run([self.binary, "-c", *self._config_args()], env=self.env,
                              capture_output=True, timeout=30)
-        if res.returncode != 0:
-            raise HAProxyError(res.stderr.decode(errors="replace").strip() or "haproxy -c failed")
+        if res.returncode != 0:  # (not -q: 3.4 then prints nothing at all on failure)
+            out = (res.stderr + res.stdout).decode(errors="replace")
+            alerts = [line for line in out.splitlines() if "ALERT" in line] or out.strip().splitlines()
+            raise HAProxyError("\n".join(alerts) or "haproxy -c failed")
 
     def start(self, timeout: float = 15.0) -> HAProxyProcess:
         self.prepare()
