@@ -106,7 +106,7 @@ class Route:
 class ServiceLine:
     """One line of SWARM_CONFIG_FILE: `[ROUTE] TARGET [name=N] [key=CHAIN] [cookie=C] [check=/P]`."""
 
-    line: int  # line number in the file, for messages
+    line: int = field(compare=False)  # line number in the file, for messages (a comment added is no change)
     route: Route | None  # None: the default service (takes what no route matches)
     service: ServiceSpec
     name: str  # the service's name: HAProxy backend be_<name>, metrics label, map files
@@ -569,7 +569,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _ROUTE_HOST = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*$")
-_ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+$")
+# No `%` (HAProxy's log-format, in the cookie's Path) and no `$` (its environment expansion).
+_ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!&'()*+,;=:@-]+)+$")
 LINE_OPTIONS = ("name", "key", "cookie", "check", "max")
 # In a pattern's target, the Host's label in the wildcard's place; what it may be (one DNS label).
 PATTERN_LABEL = "{1}"
@@ -757,10 +758,11 @@ def service_settings(settings: Settings) -> tuple[Settings, ...]:
     with several services in SWARM_CONFIG_FILE, one `Settings` per line, each with its own name,
     backend (`be_<name>`), map files, sticky key chain, cookie (`<STICKY_COOKIE>_<name>` unless the
     line names one; its Path is the route's path) and check path, and its own SPOP port: the n-th
-    service (from 0) listens on AGENT_LISTEN's port + n."""
+    service (from 0) listens on AGENT_LISTEN's port + 1 + n (AGENT_LISTEN itself answers the look-ups
+    of patterns: ondemand_listen)."""
     if not settings.services:
         return (settings,)
-    return tuple(_derive(settings, line, line.name, n)
+    return tuple(_derive(settings, line, line.name, 1 + n)
                  for n, line in enumerate(line for line in settings.services if not line.on_demand))
 
 
@@ -769,7 +771,7 @@ def ondemand_slots(settings: Settings) -> tuple[tuple[ServiceLine, tuple[Setting
     `be_<name>_<n>`, their SPOP ports after the services of their own. A slot's `service` is the
     pattern's target until the agent gives the slot a service it found (`ServiceLine.target_for`)."""
     out = []
-    port = len(service_settings(settings)) if settings.services else 0
+    port = 1 + len(service_settings(settings)) if settings.services else 0
     for line in settings.services:
         if line.on_demand:
             slots = tuple(_derive(settings, line, f"{line.name}_{n}", port + n - 1)
@@ -780,10 +782,14 @@ def ondemand_slots(settings: Settings) -> tuple[tuple[ServiceLine, tuple[Setting
 
 
 def ondemand_listen(settings: Settings) -> HostPort:
-    """Where the agent answers fe_main's look-ups of Hosts a pattern matches: the port after every
-    service's and slot's own."""
-    used = len(service_settings(settings)) + sum(line.on_demand for line in settings.services)
-    return HostPort(settings.listen.host, settings.listen.port + used)
+    """Where the agent answers fe_main's look-ups of Hosts a pattern matches: AGENT_LISTEN itself, a
+    port that no change of the file moves (HAProxy keeps the address it started with across the
+    reload a change causes); the services and slots take the ports after it."""
+    return settings.listen
+
+
+def last_agent_port(settings: Settings) -> int:
+    return settings.listen.port + len(service_settings(settings)) + sum(line.on_demand for line in settings.services)
 
 
 def _derive(settings: Settings, line: ServiceLine, name: str, n: int) -> Settings:
@@ -817,7 +823,7 @@ def _check_services(settings: Settings) -> None:
     own cookie, so no two services share one."""
     if not settings.services:
         return
-    last = ondemand_listen(settings).port
+    last = last_agent_port(settings)
     if last > 65535:
         raise ConfigError(f"AGENT_LISTEN ({settings.listen}): the services need ports {settings.listen.port}-{last}")
     if settings.listen.port <= settings.metrics_listen.port <= last:

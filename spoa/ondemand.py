@@ -59,8 +59,15 @@ class Slot:
 
     settings: Settings  # the slot's own: backend, maps, SPOP port; `service` is the pattern's target
     agent: Agent | None = None
-    host: str = ""
-    empty_since: float | None = None
+    host: str = ""  # the Host it serves, or is being found for; "" while free
+    empty_since: float | None = None  # since when its service has had no members, or no member UP
+    published: bool = False  # the Host is in HAProxy's on-demand map
+
+    @property
+    def free(self) -> bool:
+        """Neither serving, nor being filled, nor being released (claimed synchronously, before any
+        await: two look-ups at once never take one slot)."""
+        return not self.host
 
     @property
     def backend(self) -> str:
@@ -82,7 +89,7 @@ class Pattern:
         if not host.endswith(self.suffix):
             return None
         label = host[:-len(self.suffix)]
-        return label if LABEL.match(label) else None
+        return label if LABEL.fullmatch(label) else None  # (not `match`: `$` passes a trailing newline)
 
 
 class OnDemand:
@@ -105,7 +112,7 @@ class OnDemand:
         self.misses: TTLCache[str, bool] = TTLCache(MAX_MISSES, settings.ondemand_miss_ttl, timer=clock)
         self.outcomes: Counter[str] = Counter()
         self._rate = settings.ondemand_lookups
-        self._tokens = self._rate
+        self._tokens = max(1.0, self._rate)
         self._refilled = clock()
         self._in_flight: dict[str, asyncio.Task[str | None]] = {}
         self.server = AgentServer(ondemand_listen(settings), _no_sync_answer, deferred=self.answer,
@@ -125,9 +132,11 @@ class OnDemand:
         """The backend of the slot serving `host`, finding its service first if need be; None: 404."""
         host = host.lower().rstrip(".")
         slot = self.hosts.get(host)
-        if slot is not None:
-            ready = slot.agent is not None and slot.agent.ready()[0]
+        if slot is not None and slot.host == host and slot.agent is not None and host not in self._in_flight:
+            ready = slot.agent.ready()[0]
             self.outcomes["known" if ready else "unready"] += 1
+            if ready and not slot.published:  # found, but not ready within READY_TIMEOUT back then
+                await self._publish(host, slot)
             return slot.backend if ready else None
         if host in self.misses:
             self.outcomes["cached"] += 1
@@ -158,7 +167,7 @@ class OnDemand:
 
     def _take_token(self) -> bool:
         now = self.clock()
-        self._tokens = min(self._rate, self._tokens + (now - self._refilled) * self._rate)
+        self._tokens = min(max(1.0, self._rate), self._tokens + (now - self._refilled) * self._rate)
         self._refilled = now
         if self._tokens < 1.0:
             return False
@@ -166,26 +175,35 @@ class OnDemand:
         return True
 
     async def _find(self, host: str, pattern: Pattern, label: str) -> str | None:
-        slot = next((s for s in pattern.slots if s.agent is None), None)
+        slot = next((s for s in pattern.slots if s.free), None)
         if slot is None:
             self.outcomes["full"] += 1
             log.warning("%s: pattern %s has found %d services, its max=; %s gets a 404 (raise max= to serve it)",
                         host, pattern.line.route, len(pattern.slots), host)
             return None
+        slot.host, slot.empty_since, slot.published = host, None, False  # claimed before the first await
         service = pattern.line.target_for(label)
         agent = self.make_agent(replace(slot.settings, service=service))
-        await agent.discovery.refresh(asyncio.get_running_loop().time())
-        if not agent.discovery.members:
-            self.outcomes["missing"] += 1
-            self.misses[host] = True
-            log.info("%s: %s has no members (%s); answering 404 for %gs", host, service,
-                     agent.discovery.last_error or "no records", self.settings.ondemand_miss_ttl)
-            return None
-        slot.agent, slot.host, slot.empty_since = agent, host, None
-        self.hosts[host] = slot
-        log.info("%s: found %s with %d members; serving it from %s", host, service,
-                 len(agent.discovery.members), slot.backend)
-        await self.start_agent(agent)
+        try:
+            await agent.discovery.refresh(asyncio.get_running_loop().time())
+            if not agent.discovery.members:
+                self.outcomes["missing"] += 1
+                self.misses[host] = True
+                log.info("%s: %s has no members (%s); answering 404 for %gs", host, service,
+                         agent.discovery.last_error or "no records", self.settings.ondemand_miss_ttl)
+                slot.host = ""
+                return None
+            slot.agent = agent
+            self.hosts[host] = slot
+            log.info("%s: found %s with %d members; serving it from %s", host, service,
+                     len(agent.discovery.members), slot.backend)
+            await self.start_agent(agent)
+        except BaseException:
+            self.hosts.pop(host, None)
+            slot.agent, slot.host = None, ""
+            with contextlib.suppress(Exception):
+                await self.stop_agent(agent)
+            raise
         deadline = self.clock() + READY_TIMEOUT
         while not agent.ready()[0]:
             if self.clock() > deadline:
@@ -194,64 +212,79 @@ class OnDemand:
                             host, slot.backend, READY_TIMEOUT, agent.ready()[1])
                 return None
             await asyncio.sleep(0.05)
-        await self._publish(host, slot.backend)
+        await self._publish(host, slot)
         self.outcomes["found"] += 1
         return slot.backend
 
     # ------------------------------------------------------------------ the on-demand map
 
-    async def _publish(self, host: str, backend: str) -> None:
+    async def _publish(self, host: str, slot: Slot) -> None:
         """Add `host -> backend` to HAProxy's on-demand map, and write the file (a reload keeps it)."""
-        await self.api.command(f"add map {self.map_path} {host} {backend}")
+        await self.api.command(f"add map {self.map_path} {host} {slot.backend}")
+        slot.published = True
         self._write_map()
 
     def _write_map(self) -> None:
         lines = "".join(f"{host} {slot.backend}\n" for host, slot in sorted(self.hosts.items())
-                        if slot.agent is not None)
+                        if slot.host == host and slot.published)
         tmp = f"{self.map_path}.tmp"
         Path(tmp).write_text(lines, encoding="utf-8")
         os.replace(tmp, self.map_path)
 
     async def adopt(self) -> None:
-        """At start: the services found before (the map file HAProxy loaded) keep their slots."""
+        """At start: the services found before (the map file HAProxy loaded) keep their slots; a line
+        that names no slot of a pattern now (max= lowered, the pattern gone) leaves the map."""
         try:
             text = Path(self.map_path).read_text(encoding="utf-8")
         except OSError:
             return
         slots = {slot.backend: (pattern, slot) for pattern in self.patterns for slot in pattern.slots}
+        stale = []
         for line in text.splitlines():
             host, _, backend = line.partition(" ")
             found = slots.get(backend.strip())
             label = found[0].label(host) if found else None
-            if found is None or label is None or found[1].agent is not None:
+            if found is None or label is None or not found[1].free or host in self.hosts:
+                stale.append(host)
                 continue
             pattern, slot = found
             slot.agent = self.make_agent(replace(slot.settings, service=pattern.line.target_for(label)))
-            slot.host = host
+            slot.host, slot.published = host, True  # HAProxy loaded it from the file
             self.hosts[host] = slot
             await self.start_agent(slot.agent)
             log.info("%s: %s again (found before the restart), in %s", host, slot.agent.settings.service, backend)
+        if stale:
+            self._write_map()
+            for host in stale:
+                with contextlib.suppress(Exception):
+                    await self.api.command(f"del map {self.map_path} {host}", check=False)
+            log.info("on-demand map: %d line(s) no pattern's backend takes now, removed", len(stale))
 
     # ------------------------------------------------------------------ forgetting
 
     async def forget_idle(self) -> None:
-        """Forget the services that have had no members for ONDEMAND_FORGET seconds."""
+        """Forget the services that have had no member UP for ONDEMAND_FORGET seconds (none in DNS,
+        or none that passes its health checks: a name that resolves but serves nothing on the
+        pattern's port must not hold a slot for ever); such a Host is then a miss for a while."""
         now = self.clock()
         for host, slot in list(self.hosts.items()):
             agent = slot.agent
-            if agent is None:
+            if agent is None or slot.host != host or host in self._in_flight:
                 continue
-            if agent.discovery.members:
+            if agent.discovery.members and agent.router.up:
                 slot.empty_since = None
                 continue
             if slot.empty_since is None:
                 slot.empty_since = now
             elif now - slot.empty_since >= self.settings.ondemand_forget:
+                self.misses[host] = True
                 await self.release(host)
 
     async def release(self, host: str) -> None:
+        """Take the service out of its slot; the slot stays claimed until all of it is undone."""
         slot = self.hosts.pop(host)
-        agent, slot.agent, slot.host, slot.empty_since = slot.agent, None, "", None
+        agent = slot.agent
+        slot.published = False
         self._write_map()
         with contextlib.suppress(Exception):  # HAProxy away: the file no longer holds it either
             await self.api.command(f"del map {self.map_path} {host}", check=False)
@@ -268,7 +301,8 @@ class OnDemand:
                 await self.api.command(f"clear map {path}", check=False)
             with contextlib.suppress(OSError):
                 Path(path).write_text("")
-        log.info("%s: forgotten after %gs without members; %s is free", host, self.settings.ondemand_forget,
+        slot.agent, slot.host, slot.empty_since = None, "", None  # free again, now
+        log.info("%s: forgotten after %gs without a member UP; %s is free", host, self.settings.ondemand_forget,
                  slot.backend)
 
     async def _forget_loop(self) -> None:
@@ -314,7 +348,7 @@ class OnDemand:
                                      "pattern's max=.", labels=["pattern", "state"])
         for pattern in self.patterns:
             route = str(pattern.line.route)
-            services.add_metric([route, "found"], sum(1 for s in pattern.slots if s.agent is not None))
+            services.add_metric([route, "found"], sum(1 for s in pattern.slots if s.host and s.agent is not None))
             services.add_metric([route, "max"], len(pattern.slots))
         yield services
         misses = GaugeMetricFamily(PREFIX + "ondemand_misses", "Hosts remembered as not resolving (bounded).")

@@ -80,7 +80,12 @@ class Supervisor:
         log.info("agent started (pid %d)", self.agent.pid)
 
     def _agent_listening(self) -> bool:
+        """The agent accepts SPOP: on AGENT_LISTEN, or with several services on the first one's port
+        (AGENT_LISTEN then answers the look-ups of patterns, if there are any)."""
         listen = self.settings.listen
+        if self.settings.services:
+            configured = service_settings(self.settings)
+            listen = configured[0].listen if configured else ondemand_listen(self.settings)
         try:
             with socket.create_connection((listen.host, listen.port), timeout=0.2):
                 return True
@@ -129,7 +134,7 @@ class Supervisor:
         self._next_file_check = time.monotonic() + FILE_CHECK_INTERVAL
         return _file_state(self.settings.config_file) != self._services_file
 
-    def _apply_services(self) -> None:
+    def _apply_services(self, reload: bool = False) -> None:
         """Read the services again; when they changed, write their backends, reload HAProxy (the old
         worker finishes what it serves; the new one starts from the map files, and from each service's
         DNS fallback until the agent has written its servers back) and restart the agent. A file that
@@ -140,12 +145,17 @@ class Supervisor:
             new = self.reload_settings()
         except ConfigError as e:
             log.error("%s: not applied, still routing by the services read before: %s", self.settings.config_file, e)
+            if reload:
+                os.kill(self.haproxy.pid, signal.SIGUSR2)  # the reload asked for, with the services as they were
             return
         if not new.services:
             log.error("%s now names a single service without a route; switching between one service and "
                       "several needs a restart: not applied", self.settings.config_file)
             return
         if new.services == self.settings.services:
+            if reload:  # SIGHUP with the same services: the reload asked for (e.g. a renewed TLS_CERT)
+                log.info("services unchanged; reloading HAProxy (SIGUSR2 to its master)")
+                os.kill(self.haproxy.pid, signal.SIGUSR2)
             return
         self._write_services(new)
         try:
@@ -215,7 +225,7 @@ class Supervisor:
             if self._reload_requested and self.reload_settings is not None and self.settings.services:
                 self._reload_requested = False
                 log.info("SIGHUP: reading %s again", self.settings.config_file)
-                self._apply_services()
+                self._apply_services(reload=True)
             elif self._reload_requested:
                 self._reload_requested = False
                 log.info("reloading HAProxy (SIGUSR2 to its master)")

@@ -170,7 +170,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 
 def start_agent(world: World) -> None:
-    world.spop_base = free_ports(len(NAMES))
+    world.spop_base = free_ports(len(NAMES) + 1)  # AGENT_LISTEN (look-ups), then one per service
     world.metrics_port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("SWARM_SERVICE", "COOKIE_SECRET")}
     env |= world.env | {"AGENT_LISTEN": f"127.0.0.1:{world.spop_base}",
@@ -231,7 +231,7 @@ def test_the_agent_logs_each_service_its_backend_and_its_spop_port_once(world: W
     for i, name in enumerate(NAMES):
         lines = [line for line in log.splitlines() if f"service {name}: tasks.{name}" in line]
         assert len(lines) == 1, log
-        assert f"backend be_{name}" in lines[0] and f"SPOP on 127.0.0.1:{world.spop_base + i}" in lines[0], lines
+        assert f"backend be_{name}" in lines[0] and f"SPOP on 127.0.0.1:{world.spop_base + 1 + i}" in lines[0], lines
     # Only shop's chain names the sticky cookie, and COOKIE_SECRET is unset: one warning, not one per service.
     assert log.count("COOKIE_SECRET is not set") == 1, log
 
@@ -329,7 +329,7 @@ async def test_each_service_answers_on_its_own_spop_port_with_its_own_servers(re
     before = scrape(ready)
     counts = {"shop": 40, "api": 15, "blog": 7}
     for i, name in enumerate(NAMES):
-        servers = await ask(ready.spop_base + i, counts[name])
+        servers = await ask(ready.spop_base + 1 + i, counts[name])
         assert set(servers) <= ready.servers(name), (name, set(servers))
         if name == "shop":
             assert set(servers) == ready.servers("shop")  # 40 keys over 2 members: both take some
@@ -422,7 +422,7 @@ async def test_a_failing_control_loop_does_not_stop_the_other_services(world: Wo
     """In this process, on ports and a run directory of its own (no HAProxy socket there): shop's
     control loop fails (a bug outside a step), api's goes on; shop's loop is restarted; SIGTERM
     stops them all."""
-    base, metrics_port = free_ports(2), free_port()
+    base, metrics_port = free_ports(3), free_port()
     config = tmp_path / "services"
     config.write_text(f"shop.test tasks.shop:{world.task_port}\napi.test tasks.api:{world.task_port}\n")
     settings = load_settings({}, world.env | {"RUN_DIR": str(tmp_path), "SWARM_CONFIG_FILE": str(config),
@@ -450,7 +450,7 @@ async def test_a_failing_control_loop_does_not_stop_the_other_services(world: Wo
         await poll(lambda: failures == 2 and len(shop.discovery.members) == 2,
                    "shop's loop restarted after its failures, and found its members", timeout=DEADLINE)
         assert sum("shop: control loop failed; restarting it" in r.getMessage() for r in caplog.records) == 2
-        for port in (base, base + 1):  # both SPOP servers answer (no HAProxy here: no server is UP)
+        for port in (base + 1, base + 2):  # both SPOP servers answer (no HAProxy here: no server is UP)
             client = await SpopClient.connect(HostPort("127.0.0.1", port))
             assert (await client.hello()).get("version") == b"2.0"
             client.close()
@@ -465,7 +465,7 @@ async def test_a_failing_control_loop_does_not_stop_the_other_services(world: Wo
 
 def test_sigterm_stops_every_service_and_the_process_exits_cleanly(world: World) -> None:
     assert world.agent is not None
-    ports = [world.spop_base + i for i in range(len(NAMES))]
+    ports = [world.spop_base + 1 + i for i in range(len(NAMES))]
     world.agent.send_signal(signal.SIGTERM)
     assert world.agent.wait(DEADLINE) == 0, agent_log(world)
     assert "agent stopped (3 services)" in agent_log(world)

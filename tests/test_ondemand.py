@@ -14,6 +14,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from polling import wait_for
@@ -29,8 +30,8 @@ ENV = {"ONDEMAND_MISS_TTL": "4", "ONDEMAND_LOOKUPS": str(LOOKUPS_PER_SECOND), "O
 
 @pytest.fixture(scope="module")
 def apps() -> Iterator[Services]:
-    services = Services([("www", None, ""), ("shop", ON_DEMAND, ""), ("blog", ON_DEMAND, ""), ("news", ON_DEMAND, "")],
-                        n_slots=2, env=ENV, patterns=[("*.apps.example.com", "max=2")])
+    services = Services([("www", None, ""), ("shop", ON_DEMAND, ""), ("blog", ON_DEMAND, ""), ("news", ON_DEMAND, ""),
+                         ("extra", ON_DEMAND, "")], n_slots=2, env=ENV, patterns=[("*.apps.example.com", "max=3")])
     with services:
         yield services
 
@@ -57,13 +58,34 @@ def ondemand_map(stack: Services) -> dict[str, str]:
     return stack.map_entries(os.path.join(stack.run_dir, "ondemand.map"))
 
 
+def test_two_new_hosts_at_once_take_two_slots(apps: Services) -> None:
+    """Two first look-ups in the same moment: each claims its own slot before waiting for DNS."""
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda host: get(apps, host)[:2], ["shop.apps.example.com", "blog.apps.example.com"]))
+    assert answers == [(200, "shop"), (200, "blog")]
+    placed = ondemand_map(apps)
+    assert placed["shop.apps.example.com"] != placed["blog.apps.example.com"], placed
+
+
+def test_a_host_without_a_service_is_a_quick_404_and_remembered(apps: Services) -> None:
+    """(With a slot free: a pattern whose slots are all taken answers 404 before asking DNS.)"""
+    missing = lookups(apps, "missing")
+    status, _, seconds = get(apps, "nosuch.apps.example.com")
+    assert status == 404 and seconds < 5.0, seconds  # one DNS look-up, no waiting for a slot
+    assert lookups(apps, "missing") == missing + 1
+    cached = lookups(apps, "cached")
+    for _ in range(5):
+        assert get(apps, "nosuch.apps.example.com")[0] == 404
+    assert lookups(apps, "cached") == cached + 5 and lookups(apps, "missing") == missing + 1
+
+
 def test_first_request_finds_the_service_then_haproxy_decides(apps: Services) -> None:
     found = lookups(apps, "found")
-    status, service, seconds = get(apps, "shop.apps.example.com")
-    assert (status, service) == (200, "shop")
-    print(f"\nfirst request for shop.apps.example.com: {seconds * 1000:.0f} ms (DNS, servers, first checks, table)")
+    status, service, seconds = get(apps, "news.apps.example.com")
+    assert (status, service) == (200, "news")
+    print(f"\nfirst request for news.apps.example.com: {seconds * 1000:.0f} ms (DNS, servers, first checks, table)")
     assert lookups(apps, "found") == found + 1
-    assert ondemand_map(apps)["shop.apps.example.com"].startswith("be_apps_")
+    assert ondemand_map(apps)["news.apps.example.com"].startswith("be_apps_")
     # Later requests: HAProxy decides from its maps; the agent is not asked again.
     asked = sum(lookups(apps, o) for o in ("found", "known", "unready"))
     shopper = User("shopper", "127.1.0.2")
@@ -72,17 +94,6 @@ def test_first_request_finds_the_service_then_haproxy_decides(apps: Services) ->
     for _ in range(20):
         assert get(apps, "SHOP.apps.example.com:8099", shopper)[:2] == first[:2]
     assert sum(lookups(apps, o) for o in ("found", "known", "unready")) == asked
-
-
-def test_a_host_without_a_service_is_a_quick_404_and_remembered(apps: Services) -> None:
-    missing = lookups(apps, "missing")
-    status, _, seconds = get(apps, "nosuch.apps.example.com")
-    assert status == 404 and seconds < 2.0, seconds
-    assert lookups(apps, "missing") == missing + 1
-    cached = lookups(apps, "cached")
-    for _ in range(5):
-        assert get(apps, "nosuch.apps.example.com")[0] == 404
-    assert lookups(apps, "cached") == cached + 5 and lookups(apps, "missing") == missing + 1
 
 
 def test_only_hosts_of_the_patterns_shape_are_looked_up(apps: Services) -> None:
@@ -94,16 +105,16 @@ def test_only_hosts_of_the_patterns_shape_are_looked_up(apps: Services) -> None:
 
 
 def test_max_bounds_the_services_found(apps: Services) -> None:
-    assert get(apps, "shop.apps.example.com")[:2] == (200, "shop")
-    assert get(apps, "blog.apps.example.com")[:2] == (200, "blog")
+    for name in ("shop", "blog", "news"):
+        assert get(apps, f"{name}.apps.example.com")[:2] == (200, name)
     full = lookups(apps, "full")
-    assert get(apps, "news.apps.example.com")[0] == 404  # max=2: both slots taken
+    assert get(apps, "extra.apps.example.com")[0] == 404  # max=3: every slot taken
     assert lookups(apps, "full") == full + 1
-    assert apps.metric("haproxy_swarm_ondemand_services", state="found") == 2
+    assert apps.metric("haproxy_swarm_ondemand_services", state="found") == 3
 
 
 def test_random_hosts_grow_nothing_beyond_the_limits(apps: Services) -> None:
-    servers_before = {name: len(apps.servers_of(name)) for name in ("apps_1", "apps_2")}
+    servers_before = {name: len(apps.servers_of(name)) for name in ("apps_1", "apps_2", "apps_3")}
     dns_before = sum(lookups(apps, o) for o in ("found", "missing", "full"))
     agent = apps.agent_pid()
     assert agent is not None
@@ -149,7 +160,7 @@ def test_a_service_without_members_is_forgotten(apps: Services) -> None:
     apps.scale_service("blog", [], wait=False)
     wait_for(lambda: "blog.apps.example.com" not in ondemand_map(apps), "blog forgotten", timeout=30)
     assert get(apps, "blog.apps.example.com")[0] == 404
-    # its slot is free again: news (refused while both slots were taken) is found now
-    wait_for(lambda: get(apps, "news.apps.example.com")[:2] == (200, "news"), "news found in the freed slot",
+    # its slot is free again: extra (refused while every slot was taken) is found now
+    wait_for(lambda: get(apps, "extra.apps.example.com")[:2] == (200, "extra"), "extra found in the freed slot",
              timeout=15)
     apps.scale_service("blog", [0, 1], wait=False)

@@ -51,7 +51,8 @@ def test_three_services_each_with_their_own(tmp_path: Path) -> None:
     assert [one.service_name for one in (shop, api, www)] == ["shop", "api", "www"]
     assert shop.service == ServiceSpec("tasks.shop", 8080)
     assert [one.haproxy_backend for one in (shop, api, www)] == ["be_shop", "be_api", "be_www"]
-    assert [one.listen for one in (shop, api, www)] == [HostPort("127.0.0.1", 12000 + n) for n in range(3)]
+    # AGENT_LISTEN answers the look-ups of patterns; the services take the ports after it
+    assert [one.listen for one in (shop, api, www)] == [HostPort("127.0.0.1", 12001 + n) for n in range(3)]
     # STICKY_KEY's sticky cookie becomes each service's own cookie; a line's key= replaces the chain
     assert shop.sticky_cookie == "SWARMID_shop"
     assert shop.sticky_key == (KeySource("cookie", "SWARMID_shop"), KeySource("src"))
@@ -163,10 +164,10 @@ def test_a_pattern_line_has_slots_after_the_services_ports(tmp_path: Path) -> No
     assert line.name == "apps" and line.on_demand == 3
     assert line.target_for("blog") == ServiceSpec("tasks.blog", 8080)
     assert [one.haproxy_backend for one in slots] == ["be_apps_1", "be_apps_2", "be_apps_3"]
-    assert [one.listen.port for one in slots] == [12001, 12002, 12003]
+    assert [one.listen.port for one in slots] == [12002, 12003, 12004]
     assert {one.sticky_cookie for one in slots} == {"SWARMID_apps"}  # one cookie: each Host is its own
     assert {one.check_path for one in slots} == {"/hc"}
-    assert ondemand_listen(s) == HostPort("127.0.0.1", 12004)  # type: ignore[arg-type]
+    assert ondemand_listen(s) == HostPort("127.0.0.1", 12000)  # type: ignore[arg-type]  # fixed across reloads
 
 
 @pytest.mark.parametrize(("text", "words"), [
@@ -195,3 +196,16 @@ def test_haproxy_accepts_every_services_backends_from_any_directory(tmp_path: Pa
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     Supervisor(s).haproxy.check()  # type: ignore[arg-type]  # raises HAProxyError with HAProxy's alerts
+
+
+def test_a_comment_added_is_no_change_of_the_services(tmp_path: Path) -> None:
+    """`run` compares the services read again with the running ones: line numbers do not count."""
+    before = load(tmp_path, THREE)
+    after = load(tmp_path, "# a comment on top\n\n" + THREE)
+    assert after.services == before.services  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("route", ["example.com/caf%C3%A9", "example.com/$HOME"])
+def test_route_paths_refuse_haproxys_format_and_expansion_characters(tmp_path: Path, route: str) -> None:
+    with pytest.raises(ConfigError, match="invalid path"):
+        load(tmp_path, f"{route} tasks.api:80\ntasks.www:80\n")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -69,6 +70,29 @@ def origin(stack: Services, who: User, path: str = "/") -> str | None:
 ])
 def test_routes_by_host_and_path(three: Services, host: str, path: str, service: str) -> None:
     assert origin(three, user("u", host), path) == service
+
+
+def raw_get(stack: Services, request: bytes) -> tuple[int, str | None]:
+    """(status, the service that answered) of a request written byte for byte (no Host added)."""
+    with socket.create_connection(("127.0.0.1", stack.traffic_port), timeout=5) as conn:
+        conn.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode(errors="replace").split("\r\n")
+    served = next((line.split(":", 1)[1].strip() for line in head[1:] if line.lower().startswith("x-served-by:")), None)
+    return int(head[0].split()[1]), stack.service_of(served)
+
+
+def test_a_host_with_a_slash_is_refused_and_no_host_is_the_default_services(three: Services) -> None:
+    # `Host: example.com/api` + `/anything` would read as the api route's `example.com/api/anything`
+    request = b"GET /anything HTTP/1.1\r\nHost: example.com/api\r\nConnection: close\r\n\r\n"
+    assert raw_get(three, request) == (400, None)
+    # HTTP/1.0 without a Host: the path alone; routes tied to a Host do not take it, the default does
+    assert raw_get(three, b"GET /api/x HTTP/1.0\r\n\r\n") == (200, "www")
 
 
 def test_each_service_has_its_own_sticky_cookie(three: Services) -> None:
@@ -167,6 +191,7 @@ def test_no_route_and_no_default_is_a_404() -> None:
     with Services([("shop", "shop.example.com", ""), ("api", "/api", "")], n_slots=1).start([0]) as s:
         answer = user("lost", "example.net").get("127.0.0.1", s.traffic_port, "/")
         assert answer.status == 404 and answer.served_by is None
+        assert raw_get(s, b"GET / HTTP/1.0\r\n\r\n") == (404, None)  # no Host, no default: 404 too
         assert origin(s, user("u", "example.net"), "/api/x") == "api"  # any Host, that path
         assert origin(s, user("u", "shop.example.com"), "/api/x") == "shop"  # the Host's route is more specific
 
@@ -212,6 +237,11 @@ def test_a_changed_file_adds_and_removes_services_without_a_failed_request() -> 
             s.wait_service("blog", [0, 1])
             assert origin(s, user("n", "news.example.com")) == "news"
             assert origin(s, user("b", "blog.example.com")) == "blog"
+            # SIGHUP with the services unchanged still reloads HAProxy (a renewed TLS_CERT is read)
+            worker = s.haproxy_info()["Pid"]
+            s.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: s.haproxy_info().get("Pid") != worker, "HAProxy reloaded on SIGHUP", timeout=15)
+            assert "services unchanged; reloading HAProxy" in s.log_tail(20000)
         finally:
             stop.set()
             thread.join(timeout=10)

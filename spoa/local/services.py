@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
+from spoa.config import DEFAULT_ON_DEMAND
 from spoa.local.backends import Backend
 from spoa.local.ports import free_port, free_ports
 from spoa.local.stack import Stack, parse_servers_state
@@ -63,7 +64,7 @@ class Services(Stack):
 
     def write_config(self, names: Iterable[str] | None = None) -> None:
         """Write the file with the services `names` (all by default), atomically, as Swarm does."""
-        self.listed = [n for n in (names or self.services) if self.services[n].route != ON_DEMAND]
+        self.listed = [n for n in (self.services if names is None else names) if self.services[n].route != ON_DEMAND]
         lines = [self.services[n].line(self.backend_port) for n in self.listed]
         lines += [f"{route} tasks.{{1}}:{self.backend_port} {options}".rstrip() for route, options in self.patterns]
         tmp = self.config_file + ".tmp"
@@ -80,15 +81,19 @@ class Services(Stack):
               members_of: Mapping[str, Iterable[int]] | None = None) -> Services:
         """Start with the task slots `members` of every service in DNS (`members_of`: other slots
         for the services it names)."""
-        for service in self.services.values():
-            service.members = sorted(set((members_of or {}).get(service.name, members)))
-            if start_backends:
-                for i in service.members:
-                    service.tasks[i].start()
-        super().start(members=(), wait=False, start_backends=False)  # DNS: scale() below
-        if wait:
-            for name in self.listed:
-                self.wait_service(name, self.services[name].members)
+        try:
+            for service in self.services.values():
+                service.members = sorted(set((members_of or {}).get(service.name, members)))
+                if start_backends:
+                    for i in service.members:
+                        service.tasks[i].start()
+            super().start(members=(), wait=False, start_backends=False)  # DNS: scale() below
+            if wait:
+                for name in self.listed:
+                    self.wait_service(name, self.services[name].members)
+        except BaseException:
+            self.stop()  # `with` never reaches __exit__ when __enter__ fails: nothing may be left running
+            raise
         return self
 
     def scale(self, members: Iterable[int], wait: bool = True, start_backends: bool = True,
@@ -168,8 +173,8 @@ class Services(Stack):
 
 
 def _max(options: str) -> int:
-    """A pattern line's max= (8 when not given, spoa.config.DEFAULT_ON_DEMAND)."""
-    return next((int(word[4:]) for word in options.split() if word.startswith("max=")), 8)
+    """A pattern line's max= (spoa.config.DEFAULT_ON_DEMAND when not given)."""
+    return next((int(word[4:]) for word in options.split() if word.startswith("max=")), DEFAULT_ON_DEMAND)
 
 
 __all__ = ["ON_DEMAND", "Service", "Services"]
