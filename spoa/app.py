@@ -28,7 +28,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from spoa.agent import AgentServer
@@ -221,11 +221,13 @@ class Agent:
         await self.metrics_server.start()
         remove = install_signal_handlers(self.stop)
         control = asyncio.create_task(self.control_loop(), name="control-loop")
+        baseline = asyncio.create_task(first_reading(self.read_haproxy_decisions), name="decisions baseline")
         try:
             await self.server.wait_closed()
         finally:
             remove()
             self._stopping.set()
+            baseline.cancel()
             control.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await control
@@ -329,10 +331,12 @@ class Agents:
         for agent in self.agents:
             self._controls[agent] = asyncio.create_task(self._control(agent),
                                                         name=f"control-loop {agent.settings.service_name}")
+        baseline = asyncio.create_task(first_reading(self.read_haproxy_decisions), name="decisions baseline")
         try:
             await self._stopping.wait()
         finally:
             remove()
+            baseline.cancel()
             self.stop()
             if self.ondemand is not None:
                 await self.ondemand.close()
@@ -344,6 +348,18 @@ class Agents:
             await asyncio.gather(*(agent.server.wait_closed() for agent in (*self.agents, *self._found())))
             await self.metrics_server.close()
             log.info("agent stopped (%d services)", len(self.agents) + len(self._found()))
+
+
+async def first_reading(read: Callable[[], Awaitable[None]], interval: float = HEALTH_INTERVAL) -> None:
+    """HAProxy's decision counts read once as soon as its socket answers: the baseline of this
+    process's counters (spoa.haproxy.counters), so the decisions HAProxy makes from then on count
+    even before the first scrape of /metrics."""
+    while True:
+        try:
+            await read()
+            return
+        except Exception:  # HAProxy not up yet
+            await asyncio.sleep(interval)
 
 
 def _describe(before: frozenset[Any], after: frozenset[Any], limit: int = 8) -> str:
