@@ -239,7 +239,7 @@ class Agents:
     """Several services in one process: one `Agent` per service (its own SPOP port, control loop and
     HAProxy backend) and one metrics server for all of them on METRICS_LISTEN. With a pattern in
     SWARM_CONFIG_FILE, also the look-ups of its Hosts (spoa.ondemand), whose services get an `Agent`
-    of their own in one of the pattern's slots while they last."""
+    of their own in one of the pattern's backends while they last."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -247,7 +247,7 @@ class Agents:
         self.ondemand: OnDemand | None = None
         if any(line.on_demand for line in settings.services):
             self.ondemand = OnDemand(settings, make_agent=lambda one: Agent(one, serve_metrics=False),
-                                     start=self._start_slot, stop=self._stop_slot)
+                                     start=self._start_found, stop=self._stop_found)
         # The process's own reads of HAProxy (fe_main's counters): no one service's runtime commands.
         self.api = RuntimeAPI(settings.admin_socket)
         self.metrics = ServicesMetrics([agent.metrics for agent in self.agents],
@@ -299,13 +299,13 @@ class Agents:
                 agent.log.exception("control loop failed; restarting it")
                 await asyncio.sleep(HEALTH_INTERVAL)
 
-    async def _start_slot(self, agent: Agent) -> None:
+    async def _start_found(self, agent: Agent) -> None:
         """A service a pattern found: its SPOP server and control loop, as a configured one's."""
         await agent.server.start()
         self._controls[agent] = asyncio.create_task(self._control(agent),
                                                     name=f"control-loop {agent.settings.service_name}")
 
-    async def _stop_slot(self, agent: Agent) -> None:
+    async def _stop_found(self, agent: Agent) -> None:
         agent.stop()
         task = self._controls.pop(agent, None)
         if task is not None:

@@ -766,25 +766,26 @@ def service_settings(settings: Settings) -> tuple[Settings, ...]:
                  for n, line in enumerate(line for line in settings.services if not line.on_demand))
 
 
-def ondemand_slots(settings: Settings) -> tuple[tuple[ServiceLine, tuple[Settings, ...]], ...]:
-    """Each pattern line with the settings of its `max` slots: `<name>_<n>` (n from 1), backend
-    `be_<name>_<n>`, their SPOP ports after the services of their own. A slot's `service` is the
-    pattern's target until the agent gives the slot a service it found (`ServiceLine.target_for`)."""
+def pattern_backends(settings: Settings) -> tuple[tuple[ServiceLine, tuple[Settings, ...]], ...]:
+    """Each pattern line with the settings of its `max` backends: `<name>_<n>` (n from 1), HAProxy
+    backend `be_<name>_<n>`, their SPOP ports after the services of their own. A pattern backend's
+    `service` is the pattern's target until the agent gives it a service it found
+    (`ServiceLine.target_for`)."""
     out = []
     port = 1 + len(service_settings(settings)) if settings.services else 0
     for line in settings.services:
         if line.on_demand:
-            slots = tuple(_derive(settings, line, f"{line.name}_{n}", port + n - 1)
-                          for n in range(1, line.on_demand + 1))
+            backends = tuple(_derive(settings, line, f"{line.name}_{n}", port + n - 1)
+                             for n in range(1, line.on_demand + 1))
             port += line.on_demand
-            out.append((line, slots))
+            out.append((line, backends))
     return tuple(out)
 
 
 def ondemand_listen(settings: Settings) -> HostPort:
     """Where the agent answers fe_main's look-ups of Hosts a pattern matches: AGENT_LISTEN itself, a
     port that no change of the file moves (HAProxy keeps the address it started with across the
-    reload a change causes); the services and slots take the ports after it."""
+    reload a change causes); the services and the patterns' backends take the ports after it."""
     return settings.listen
 
 
@@ -793,7 +794,7 @@ def last_agent_port(settings: Settings) -> int:
 
 
 def _derive(settings: Settings, line: ServiceLine, name: str, n: int) -> Settings:
-    """The settings of one service (or slot) `name` of `line`, on AGENT_LISTEN's port + n."""
+    """The settings of one service (or pattern backend) `name` of `line`, on AGENT_LISTEN's port + n."""
     cookie = line.sticky_cookie or f"{settings.sticky_cookie}_{line.name}"
     return (replace(
             settings,
@@ -831,7 +832,7 @@ def _check_services(settings: Settings) -> None:
                           f"{settings.listen.port}-{last} of the services (one per service, one per service "
                           "a pattern may find, one for look-ups)")
     cookies: dict[str, str] = {}
-    for one in service_settings(settings) + tuple(slots[0] for _, slots in ondemand_slots(settings)):
+    for one in service_settings(settings) + tuple(backends[0] for _, backends in pattern_backends(settings)):
         other = cookies.get(one.sticky_cookie)
         if other is not None:
             raise ConfigError(f"SWARM_CONFIG_FILE ({settings.config_file}): services {other} and "
@@ -900,10 +901,10 @@ __all__ = [
     "add_arguments",
     "load_settings",
     "ondemand_listen",
-    "ondemand_slots",
     "parse_host_port",
     "parse_service",
     "parse_sticky_key",
+    "pattern_backends",
     "service_settings",
     "settings_env",
     "settings_table",

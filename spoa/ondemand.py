@@ -3,17 +3,18 @@
 Owns: answering fe_main's look-up of a Host the pattern matches and HAProxy's on-demand map does
 not hold yet (ondemand.conf: one NOTIFY, answered when done): the Host's label names the service
 (`shop.apps.example.com` -> `tasks.shop:80`); if DNS lists members for it and the pattern has a free
-slot, the slot's `Agent` gets that service (its own discovery, servers in the slot's backend,
-decision table), and once it is ready - members UP, table published - the Host is added to the map
-and the slot's backend is the answer. Every later request is decided by HAProxy alone. A service
-with no members for ONDEMAND_FORGET seconds is forgotten: its Host leaves the map, its slot is free.
+backend (one of `max=` HAProxy backends made at start), its `Agent` gets that service (its own
+discovery, servers in that backend, decision table), and once it is ready - members UP, table
+published - the Host is added to the map and the backend is the answer. Every later request is
+decided by HAProxy alone. A service with no member UP for ONDEMAND_FORGET seconds is forgotten: its
+Host leaves the map, its backend is free.
 
 Bounded, whatever Hosts clients send: only a Host that matches a pattern, with one DNS label in the
 wildcard's place, is ever looked up; at most ONDEMAND_LOOKUPS DNS look-ups per second (a token
 bucket), at most MAX_IN_FLIGHT at once; a Host that did not resolve answers 404 from a bounded
 cache for ONDEMAND_MISS_TTL seconds; a pattern finds `max=` services at most. So random Hosts grow
 neither memory, nor HAProxy's servers, nor DNS traffic beyond those limits (tests/test_ondemand.py).
-Must not: route anything itself, or answer a backend that is not a slot's it gave this very Host.
+Must not: route anything itself, or answer a backend other than the one it gave this very Host.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from cachetools import TTLCache
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from spoa.agent import AgentServer
-from spoa.config import LABEL, Route, ServiceLine, Settings, ondemand_listen, ondemand_slots
+from spoa.config import LABEL, Route, ServiceLine, Settings, ondemand_listen, pattern_backends
 from spoa.haproxy.runtime import RuntimeAPI
 from spoa.haproxy.template import ondemand_map
 from spoa.protocol import Message, Scope, encode_set_var
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("spoa.ondemand")
 
 MAX_MISSES = 10_000  # Hosts remembered as not resolving (beyond: the oldest are dropped first)
-MAX_IN_FLIGHT = 32  # look-ups waiting for DNS or a slot's readiness at once
+MAX_IN_FLIGHT = 32  # look-ups waiting for DNS or a backend's readiness at once
 READY_TIMEOUT = 4.0  # a found service's first members UP and table published (ondemand.conf: 5 s)
 FORGET_INTERVAL = 1.0
 
@@ -54,10 +55,10 @@ PREFIX = "haproxy_swarm_"
 
 
 @dataclass
-class Slot:
+class PatternBackend:
     """One of a pattern's `max` backends (be_<pattern>_<n>), free or holding one service."""
 
-    settings: Settings  # the slot's own: backend, maps, SPOP port; `service` is the pattern's target
+    settings: Settings  # its own: HAProxy backend, maps, SPOP port; `service` is the pattern's target
     agent: Agent | None = None
     host: str = ""  # the Host it serves, or is being found for; "" while free
     empty_since: float | None = None  # since when its service has had no members, or no member UP
@@ -66,18 +67,19 @@ class Slot:
     @property
     def free(self) -> bool:
         """Neither serving, nor being filled, nor being released (claimed synchronously, before any
-        await: two look-ups at once never take one slot)."""
+        await: two look-ups at once never take one backend)."""
         return not self.host
 
     @property
-    def backend(self) -> str:
+    def name(self) -> str:
+        """The HAProxy backend, be_<pattern>_<n>."""
         return self.settings.haproxy_backend
 
 
 @dataclass
 class Pattern:
     line: ServiceLine
-    slots: list[Slot]
+    backends: list[PatternBackend]
     suffix: str = field(init=False)  # `.apps.example.com`
 
     def __post_init__(self) -> None:
@@ -93,22 +95,23 @@ class Pattern:
 
 
 class OnDemand:
-    """The look-ups of every pattern of SWARM_CONFIG_FILE, and the slots they fill."""
+    """The look-ups of every pattern of SWARM_CONFIG_FILE, and the backends they fill."""
 
     def __init__(self, settings: Settings, *, make_agent: Callable[[Settings], Agent],
                  start: Callable[[Agent], Awaitable[None]], stop: Callable[[Agent], Awaitable[None]],
                  clock: Callable[[], float] = time.monotonic) -> None:
-        """`make_agent(settings)`: an Agent for a slot given its service; `start`/`stop`: run its SPOP
+        """`make_agent(settings)`: an Agent for a backend given its service; `start`/`stop`: run its SPOP
         server and control loop (`spoa.app.Agents`), or stop them."""
         self.settings = settings
-        self.patterns = [Pattern(line, [Slot(one) for one in slots]) for line, slots in ondemand_slots(settings)]
+        self.patterns = [Pattern(line, [PatternBackend(one) for one in backends])
+                         for line, backends in pattern_backends(settings)]
         self.make_agent = make_agent
         self.start_agent = start
         self.stop_agent = stop
         self.clock = clock
         self.map_path = ondemand_map(settings)
         self.api = RuntimeAPI(settings.admin_socket)
-        self.hosts: dict[str, Slot] = {}
+        self.hosts: dict[str, PatternBackend] = {}
         self.misses: TTLCache[str, bool] = TTLCache(MAX_MISSES, settings.ondemand_miss_ttl, timer=clock)
         self.outcomes: Counter[str] = Counter()
         self._rate = settings.ondemand_lookups
@@ -129,15 +132,15 @@ class OnDemand:
         return encode_set_var(Scope.TRANSACTION, "backend", backend) if backend else NOT_FOUND
 
     async def lookup(self, host: str) -> str | None:
-        """The backend of the slot serving `host`, finding its service first if need be; None: 404."""
+        """The name of the backend serving `host`, finding its service first if need be; None: 404."""
         host = host.lower().rstrip(".")
-        slot = self.hosts.get(host)
-        if slot is not None and slot.host == host and slot.agent is not None and host not in self._in_flight:
-            ready = slot.agent.ready()[0]
+        backend = self.hosts.get(host)
+        if backend is not None and backend.host == host and backend.agent is not None and host not in self._in_flight:
+            ready = backend.agent.ready()[0]
             self.outcomes["known" if ready else "unready"] += 1
-            if ready and not slot.published:  # found, but not ready within READY_TIMEOUT back then
-                await self._publish(host, slot)
-            return slot.backend if ready else None
+            if ready and not backend.published:  # found, but not ready within READY_TIMEOUT back then
+                await self._publish(host, backend)
+            return backend.name if ready else None
         if host in self.misses:
             self.outcomes["cached"] += 1
             return None
@@ -175,15 +178,15 @@ class OnDemand:
         return True
 
     async def _find(self, host: str, pattern: Pattern, label: str) -> str | None:
-        slot = next((s for s in pattern.slots if s.free), None)
-        if slot is None:
+        backend = next((s for s in pattern.backends if s.free), None)
+        if backend is None:
             self.outcomes["full"] += 1
             log.warning("%s: pattern %s has found %d services, its max=; %s gets a 404 (raise max= to serve it)",
-                        host, pattern.line.route, len(pattern.slots), host)
+                        host, pattern.line.route, len(pattern.backends), host)
             return None
-        slot.host, slot.empty_since, slot.published = host, None, False  # claimed before the first await
+        backend.host, backend.empty_since, backend.published = host, None, False  # claimed before the first await
         service = pattern.line.target_for(label)
-        agent = self.make_agent(replace(slot.settings, service=service))
+        agent = self.make_agent(replace(backend.settings, service=service))
         try:
             await agent.discovery.refresh(asyncio.get_running_loop().time())
             if not agent.discovery.members:
@@ -191,16 +194,16 @@ class OnDemand:
                 self.misses[host] = True
                 log.info("%s: %s has no members (%s); answering 404 for %gs", host, service,
                          agent.discovery.last_error or "no records", self.settings.ondemand_miss_ttl)
-                slot.host = ""
+                backend.host = ""
                 return None
-            slot.agent = agent
-            self.hosts[host] = slot
+            backend.agent = agent
+            self.hosts[host] = backend
             log.info("%s: found %s with %d members; serving it from %s", host, service,
-                     len(agent.discovery.members), slot.backend)
+                     len(agent.discovery.members), backend.name)
             await self.start_agent(agent)
         except BaseException:
             self.hosts.pop(host, None)
-            slot.agent, slot.host = None, ""
+            backend.agent, backend.host = None, ""
             with contextlib.suppress(Exception):
                 await self.stop_agent(agent)
             raise
@@ -209,50 +212,51 @@ class OnDemand:
             if self.clock() > deadline:
                 self.outcomes["unready"] += 1
                 log.warning("%s: %s not ready within %gs (%s); asked again on the next request",
-                            host, slot.backend, READY_TIMEOUT, agent.ready()[1])
+                            host, backend.name, READY_TIMEOUT, agent.ready()[1])
                 return None
             await asyncio.sleep(0.05)
-        await self._publish(host, slot)
+        await self._publish(host, backend)
         self.outcomes["found"] += 1
-        return slot.backend
+        return backend.name
 
     # ------------------------------------------------------------------ the on-demand map
 
-    async def _publish(self, host: str, slot: Slot) -> None:
+    async def _publish(self, host: str, backend: PatternBackend) -> None:
         """Add `host -> backend` to HAProxy's on-demand map, and write the file (a reload keeps it)."""
-        await self.api.command(f"add map {self.map_path} {host} {slot.backend}")
-        slot.published = True
+        await self.api.command(f"add map {self.map_path} {host} {backend.name}")
+        backend.published = True
         self._write_map()
 
     def _write_map(self) -> None:
-        lines = "".join(f"{host} {slot.backend}\n" for host, slot in sorted(self.hosts.items())
-                        if slot.host == host and slot.published)
+        lines = "".join(f"{host} {backend.name}\n" for host, backend in sorted(self.hosts.items())
+                        if backend.host == host and backend.published)
         tmp = f"{self.map_path}.tmp"
         Path(tmp).write_text(lines, encoding="utf-8")
         os.replace(tmp, self.map_path)
 
     async def adopt(self) -> None:
-        """At start: the services found before (the map file HAProxy loaded) keep their slots; a line
-        that names no slot of a pattern now (max= lowered, the pattern gone) leaves the map."""
+        """At start: the services found before (the map file HAProxy loaded) keep their backends; a line
+        that names no backend of a pattern now (max= lowered, the pattern gone) leaves the map."""
         try:
             text = Path(self.map_path).read_text(encoding="utf-8")
         except OSError:
             return
-        slots = {slot.backend: (pattern, slot) for pattern in self.patterns for slot in pattern.slots}
+        by_name = {backend.name: (pattern, backend) for pattern in self.patterns for backend in pattern.backends}
         stale = []
         for line in text.splitlines():
-            host, _, backend = line.partition(" ")
-            found = slots.get(backend.strip())
+            host, _, name = line.partition(" ")
+            found = by_name.get(name.strip())
             label = found[0].label(host) if found else None
             if found is None or label is None or not found[1].free or host in self.hosts:
                 stale.append(host)
                 continue
-            pattern, slot = found
-            slot.agent = self.make_agent(replace(slot.settings, service=pattern.line.target_for(label)))
-            slot.host, slot.published = host, True  # HAProxy loaded it from the file
-            self.hosts[host] = slot
-            await self.start_agent(slot.agent)
-            log.info("%s: %s again (found before the restart), in %s", host, slot.agent.settings.service, backend)
+            pattern, backend = found
+            backend.agent = self.make_agent(replace(backend.settings, service=pattern.line.target_for(label)))
+            backend.host, backend.published = host, True  # HAProxy loaded it from the file
+            self.hosts[host] = backend
+            await self.start_agent(backend.agent)
+            log.info("%s: %s again (found before the restart), in %s", host, backend.agent.settings.service,
+                     backend.name)
         if stale:
             self._write_map()
             for host in stale:
@@ -265,45 +269,45 @@ class OnDemand:
     async def forget_idle(self) -> None:
         """Forget the services that have had no member UP for ONDEMAND_FORGET seconds (none in DNS,
         or none that passes its health checks: a name that resolves but serves nothing on the
-        pattern's port must not hold a slot for ever); such a Host is then a miss for a while."""
+        pattern's port must not hold a backend for ever); such a Host is then a miss for a while."""
         now = self.clock()
-        for host, slot in list(self.hosts.items()):
-            agent = slot.agent
-            if agent is None or slot.host != host or host in self._in_flight:
+        for host, backend in list(self.hosts.items()):
+            agent = backend.agent
+            if agent is None or backend.host != host or host in self._in_flight:
                 continue
             if agent.discovery.members and agent.router.up:
-                slot.empty_since = None
+                backend.empty_since = None
                 continue
-            if slot.empty_since is None:
-                slot.empty_since = now
-            elif now - slot.empty_since >= self.settings.ondemand_forget:
+            if backend.empty_since is None:
+                backend.empty_since = now
+            elif now - backend.empty_since >= self.settings.ondemand_forget:
                 self.misses[host] = True
                 await self.release(host)
 
     async def release(self, host: str) -> None:
-        """Take the service out of its slot; the slot stays claimed until all of it is undone."""
-        slot = self.hosts.pop(host)
-        agent = slot.agent
-        slot.published = False
+        """Take the service out of its backend; the backend stays claimed until all of it is undone."""
+        backend = self.hosts.pop(host)
+        agent = backend.agent
+        backend.published = False
         self._write_map()
         with contextlib.suppress(Exception):  # HAProxy away: the file no longer holds it either
             await self.api.command(f"del map {self.map_path} {host}", check=False)
         if agent is not None:
             await self.stop_agent(agent)
             for member in await agent.writer.held() or ():
-                for command in (f"disable server {slot.backend}/{member.server_name}",
-                                f"shutdown sessions server {slot.backend}/{member.server_name}",
-                                f"del server {slot.backend}/{member.server_name}"):
+                for command in (f"disable server {backend.name}/{member.server_name}",
+                                f"shutdown sessions server {backend.name}/{member.server_name}",
+                                f"del server {backend.name}/{member.server_name}"):
                     with contextlib.suppress(Exception):
                         await self.api.command(command, check=False)
-        for path in (slot.settings.slot_map, slot.settings.cookie_map, slot.settings.server_cookie_map):
+        for path in (backend.settings.slot_map, backend.settings.cookie_map, backend.settings.server_cookie_map):
             with contextlib.suppress(Exception):
                 await self.api.command(f"clear map {path}", check=False)
             with contextlib.suppress(OSError):
                 Path(path).write_text("")
-        slot.agent, slot.host, slot.empty_since = None, "", None  # free again, now
+        backend.agent, backend.host, backend.empty_since = None, "", None  # free again, now
         log.info("%s: forgotten after %gs without a member UP; %s is free", host, self.settings.ondemand_forget,
-                 slot.backend)
+                 backend.name)
 
     async def _forget_loop(self) -> None:
         while True:
@@ -317,7 +321,7 @@ class OnDemand:
 
     @property
     def agents(self) -> list[Agent]:
-        return [slot.agent for pattern in self.patterns for slot in pattern.slots if slot.agent is not None]
+        return [backend.agent for pattern in self.patterns for backend in pattern.backends if backend.agent is not None]
 
     async def start(self) -> None:
         await self.server.start()
@@ -338,7 +342,7 @@ class OnDemand:
     def collect(self) -> Iterator[Metric]:
         lookups = CounterMetricFamily(PREFIX + "ondemand_lookups", "Look-ups of Hosts a pattern matches that "
                                       "HAProxy's on-demand map did not hold, by outcome: found (a service, now in a "
-                                      "slot), known, missing (no members in DNS), cached (missing a moment ago), "
+                                      "backend), known, missing (no members in DNS), cached (missing a moment ago), "
                                       "limited (ONDEMAND_LOOKUPS), full (the pattern's max=), busy, unready, invalid "
                                       "(no pattern's shape).", labels=["outcome"])
         for outcome in OUTCOMES:
@@ -348,8 +352,8 @@ class OnDemand:
                                      "pattern's max=.", labels=["pattern", "state"])
         for pattern in self.patterns:
             route = str(pattern.line.route)
-            services.add_metric([route, "found"], sum(1 for s in pattern.slots if s.host and s.agent is not None))
-            services.add_metric([route, "max"], len(pattern.slots))
+            services.add_metric([route, "found"], sum(1 for s in pattern.backends if s.host and s.agent is not None))
+            services.add_metric([route, "max"], len(pattern.backends))
         yield services
         misses = GaugeMetricFamily(PREFIX + "ondemand_misses", "Hosts remembered as not resolving (bounded).")
         misses.add_metric([], len(self.misses))
@@ -360,4 +364,4 @@ def _no_sync_answer(messages: list[Message]) -> bytes:
     raise AssertionError("the on-demand server answers through its deferred handler")
 
 
-__all__ = ["OnDemand", "Pattern", "Slot"]
+__all__ = ["OnDemand", "Pattern", "PatternBackend"]

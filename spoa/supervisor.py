@@ -25,7 +25,7 @@ from spoa.config import (
     HostPort,
     Settings,
     ondemand_listen,
-    ondemand_slots,
+    pattern_backends,
     service_settings,
     settings_env,
 )
@@ -123,9 +123,9 @@ class Supervisor:
         config = Path(settings.haproxy_config or shipped_config())
         spoe = Path(config.parent, "spoe.conf").read_text(encoding="utf-8")
         services = service_settings(settings)
-        slots = [one for _, slots in ondemand_slots(settings) for one in slots]
-        rendered = template.render(config.read_text(encoding="utf-8"), spoe, settings, services, slots)
-        return template.write(rendered, settings, [*services, *slots])
+        found = [one for _, backends in pattern_backends(settings) for one in backends]
+        rendered = template.render(config.read_text(encoding="utf-8"), spoe, settings, services, found)
+        return template.write(rendered, settings, [*services, *found])
 
     def _services_changed(self) -> bool:
         """SWARM_CONFIG_FILE changed since it was last read (checked once a second)."""

@@ -155,12 +155,12 @@ def test_one_service_on_two_lines_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_pattern_line_has_slots_after_the_services_ports(tmp_path: Path) -> None:
-    from spoa.config import ondemand_listen, ondemand_slots
+    from spoa.config import ondemand_listen, pattern_backends
 
     s = load(tmp_path, "shop.example.com tasks.shop:80\n*.apps.example.com tasks.{1}:8080 max=3 check=/hc\n",
              AGENT_LISTEN="127.0.0.1:12000")
     assert [one.service_name for one in service_settings(s)] == ["shop"]  # type: ignore[arg-type]
-    ((line, slots),) = ondemand_slots(s)  # type: ignore[arg-type]
+    ((line, slots),) = pattern_backends(s)  # type: ignore[arg-type]
     assert line.name == "apps" and line.on_demand == 3
     assert line.target_for("blog") == ServiceSpec("tasks.blog", 8080)
     assert [one.haproxy_backend for one in slots] == ["be_apps_1", "be_apps_2", "be_apps_3"]

@@ -67,13 +67,13 @@ def backend_names(service: Settings) -> tuple[str, str]:
     return service.haproxy_backend, f"{service.haproxy_backend}_agent"
 
 
-def service_values(service: Settings, spoe_conf: str, slot: bool = False) -> dict[str, str]:
+def service_values(service: Settings, spoe_conf: str, pattern: bool = False) -> dict[str, str]:
     """What the service's copy of be_app, be_agent and spoe.conf read instead of the environment.
-    A pattern's slot has no DNS fallback (its service is known only once the agent found it)."""
+    A pattern's backend has no DNS fallback (its service is known only once the agent found it)."""
     agent_backend = backend_names(service)[1]
     values = service.haproxy_env() | {"SERVICE_NAME": service.service_name, "SPOE_CONF": spoe_conf,
                                       "AGENT_BACKEND": agent_backend}
-    if slot:
+    if pattern:
         values["SWARM_DNS_TARGET"] = "-"
     return values
 
@@ -86,15 +86,15 @@ class Rendered:
 
 
 def render(config: str, spoe_conf: str, main: Settings, services: Sequence[Settings],
-           slots: Sequence[Settings] = ()) -> Rendered:
-    """The copies for `services` (service_settings(main)) and the patterns' `slots`
-    (ondemand_slots(main)), from the shipped config and spoe.conf."""
+           found: Sequence[Settings] = ()) -> Rendered:
+    """The copies for `services` (service_settings(main)) and the patterns' backends `found`
+    (pattern_backends(main)), from the shipped config and spoe.conf."""
     backend, agent = section(config, "backend be_app"), section(config, "backend be_agent")
     out = [f"# Written by haproxy-swarm from {main.config_file} and the shipped haproxy.cfg; do not edit.\n"]
     spoe: dict[str, str] = {}
-    for one in [*services, *slots]:
+    for one in [*services, *found]:
         spoe_path = os.path.join(main.run_dir, f"{one.service_name}.spoe.conf")
-        values = service_values(one, spoe_path, slot=one in slots)
+        values = service_values(one, spoe_path, pattern=one in found)
         be, be_agent = backend_names(one)
         out.append(substitute(backend, values).replace("backend be_app\n", f"backend {be}\n", 1))
         out.append(substitute(agent, values).replace("backend be_agent\n", f"backend {be_agent}\n", 1))
@@ -111,12 +111,12 @@ def render(config: str, spoe_conf: str, main: Settings, services: Sequence[Setti
 
 
 def ondemand_map(main: Settings) -> str:
-    """Host -> backend of the slot the agent gave the service it found for that Host."""
+    """Host -> the pattern's backend the agent gave the service it found for that Host."""
     return os.path.join(main.run_dir, ONDEMAND_MAP)
 
 
 def write(rendered: Rendered, main: Settings, services: Sequence[Settings]) -> tuple[str, str]:
-    """Write the files into RUN_DIR (each atomically) and create the services' (and slots') empty
+    """Write the files into RUN_DIR (each atomically) and create the services' (and the patterns' backends') empty
     maps and the on-demand map; returns (services.cfg path, services.map path)."""
     os.makedirs(main.run_dir, exist_ok=True)
     config_path = os.path.join(main.run_dir, SERVICES_CONFIG)
