@@ -223,8 +223,12 @@ class OnDemand:
 
     async def _publish(self, host: str, backend: PatternBackend) -> None:
         """Add `host -> backend` to HAProxy's on-demand map, and write the file (a reload keeps it)."""
-        await self.api.command(f"add map {self.map_path} {host} {backend.name}")
-        backend.published = True
+        backend.published = True  # before the await: another request for the Host does not add it twice
+        try:
+            await self.api.command(f"add map {self.map_path} {host} {backend.name}")
+        except BaseException:
+            backend.published = False
+            raise
         self._write_map()
 
     def _write_map(self) -> None:
