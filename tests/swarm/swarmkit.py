@@ -253,6 +253,21 @@ class Step:
                 f"slowest answer {self.slowest:.2f} s")
 
 
+def step_problems(step: Step) -> list[str]:
+    """What went wrong in a scale step, for every service alike: failed requests, users moved while
+    their task stayed, replicas that disagree, users of a removed task not settled on one task."""
+    problems = []
+    if step.failed:
+        problems.append(f"{step.name}: failed requests {step.failures[:5]}")
+    if step.users_moved:
+        problems.append(f"{step.name}: users whose task stayed but who moved: {step.users_moved}")
+    if step.disagreements:
+        problems.append(f"{step.name}: {step.disagreements[:5]}")
+    if step.removed_unsettled:
+        problems.append(f"{step.name}: users of removed tasks not settled {step.removed_unsettled[:5]}")
+    return problems
+
+
 def analyse(name: str, records: Iterable[Record], start: float, settled: float, end: float,
             members_after: set[str]) -> Step:
     """The users' view of one change: requests in [start, end); a user's home is the task of its

@@ -33,6 +33,7 @@ from swarmkit import (
     in_task,
     read_records,
     server_name,
+    step_problems,
     tasks,
     wait_for,
 )
@@ -206,11 +207,7 @@ def test_shipped_stack_scales_survives_a_kill_and_a_rolling_restart(swarm: Swarm
         step = analyse(f"scale {len(before)} -> {replicas}", users.records(), start, settled, time.time(), members)
         steps.append(step)
         print(step.line())
-        check(step.failed == 0, f"{step.name}: failed requests {step.failures[:5]}")
-        check(not step.users_moved, f"{step.name}: users whose task stayed but who moved: {step.users_moved}")
-        check(not step.disagreements, f"{step.name}: {step.disagreements[:5]}")
-        check(not step.removed_unsettled,
-              f"{step.name}: users of removed tasks not settled {step.removed_unsettled[:5]}")
+        problems.extend(step_problems(step))
         check(step.new_users >= NEW_USERS_PER_STEP, f"{step.name}: only {step.new_users} new users")
         if replicas > len(before):
             check(members - before <= step.new_users_tasks, f"{step.name}: new users did not reach every new task")
@@ -423,11 +420,7 @@ def test_two_services_behind_one_haproxy_swarm_stay_apart(swarm: Swarm, request:
             step = analyse(f"scale {scaled} {len(before)} -> {replicas}, {name}'s users", crowd.of(name),
                            start, settled, time.time(), members[name])
             print(step.line())
-            check(step.failed == 0, f"{step.name}: failed requests {step.failures[:5]}")
-            check(not step.users_moved, f"{step.name}: users whose task stayed but who moved: {step.users_moved}")
-            check(not step.disagreements, f"{step.name}: {step.disagreements[:5]}")
-            check(not step.removed_unsettled,
-                  f"{step.name}: users of removed tasks not settled {step.removed_unsettled[:5]}")
+            problems.extend(step_problems(step))
             if name != scaled:
                 check(step.users_of_removed == 0 and step.users_kept == crowd.users(name),
                       f"{step.name}: {step.users_kept} of {crowd.users(name)} users kept their task")
