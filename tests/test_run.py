@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 from polling import wait_for
@@ -135,9 +135,11 @@ def run_env(run_dir: str, **overrides: str) -> dict[str, str]:
     } | overrides
 
 
-def run_until_exit(env: dict[str, str], *args: str, timeout: float = 20) -> tuple[int, str, float]:
+def run_until_exit(env: dict[str, str], *args: str, timeout: float = 20,
+                   wrapper: Sequence[str] = ()) -> tuple[int, str, float]:
+    """`run` until it exits: (code, output, seconds). `wrapper`: a command it runs under (setpriv)."""
     start = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "spoa", "run", *args], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*wrapper, sys.executable, "-m", "spoa", "run", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
