@@ -247,7 +247,7 @@ class Agents:
         self.ondemand: OnDemand | None = None
         if any(line.on_demand for line in settings.services):
             self.ondemand = OnDemand(settings, make_agent=lambda one: Agent(one, serve_metrics=False),
-                                     start=self._start_found, stop=self._stop_found)
+                                     start=self._start, stop=self._stop)
         # The process's own reads of HAProxy (fe_main's counters): no one service's runtime commands.
         self.api = RuntimeAPI(settings.admin_socket)
         self.metrics = ServicesMetrics([agent.metrics for agent in self.agents],
@@ -299,13 +299,15 @@ class Agents:
                 agent.log.exception("control loop failed; restarting it")
                 await asyncio.sleep(HEALTH_INTERVAL)
 
-    async def _start_found(self, agent: Agent) -> None:
-        """A service a pattern found: its SPOP server and control loop, as a configured one's."""
+    async def _start(self, agent: Agent) -> None:
+        """One service's SPOP server and control loop: a configured one's at start, a service a
+        pattern found when it is found."""
         await agent.server.start()
         self._controls[agent] = asyncio.create_task(self._control(agent),
                                                     name=f"control-loop {agent.settings.service_name}")
 
-    async def _stop_found(self, agent: Agent) -> None:
+    async def _stop(self, agent: Agent) -> None:
+        """A service a pattern found, forgotten: its SPOP server and control loop end."""
         agent.stop()
         task = self._controls.pop(agent, None)
         if task is not None:
@@ -318,7 +320,7 @@ class Agents:
         started: list[Agent] = []
         try:
             for agent in self.agents:
-                await agent.server.start()
+                await self._start(agent)
                 started.append(agent)
             await self.metrics_server.start()
             if self.ondemand is not None:
@@ -326,11 +328,10 @@ class Agents:
         except BaseException:
             for agent in started:
                 agent.stop()
+            for task in self._controls.values():
+                task.cancel()
             raise
         remove = install_signal_handlers(self.stop)
-        for agent in self.agents:
-            self._controls[agent] = asyncio.create_task(self._control(agent),
-                                                        name=f"control-loop {agent.settings.service_name}")
         baseline = asyncio.create_task(first_reading(self.read_haproxy_decisions), name="decisions baseline")
         try:
             await self._stopping.wait()

@@ -449,14 +449,12 @@ class ServicesMetrics:
         merged: dict[str, Metric] = {}
         for metrics in (*self.services, *self.found()):
             for family in metrics.collect():
+                if family.name in PER_PROCESS:
+                    merged.setdefault(family.name, family)  # the first service's: the same in all
+                    continue
                 out = merged.get(family.name)
                 if out is None:
                     out = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
-                elif family.name in PER_PROCESS:
-                    continue
-                if family.name in PER_PROCESS:
-                    out.samples.extend(family.samples)
-                    continue
                 for sample in family.samples:
                     if "service" not in sample.labels:  # the SPOP families: one SPOP server per service
                         sample = sample._replace(labels={"service": metrics.service, **sample.labels})
