@@ -49,10 +49,10 @@ class Supervisor:
         self.ready_timeout = ready_timeout
         self.reload_settings = reload_settings
         env = dict(os.environ) | settings_env(settings) | settings.haproxy_env()
-        config = Path(settings.haproxy_config or shipped_config()).resolve()
+        self.config = Path(settings.haproxy_config or shipped_config()).resolve()
         # Absolute: parsing one SPOE configuration leaves HAProxy's current directory where it started.
-        env["SPOE_CONF"] = str(config.parent / "spoe.conf")
-        env["ONDEMAND_CONF"] = str(config.parent / "ondemand.conf")
+        env["SPOE_CONF"] = str(self.config.parent / "spoe.conf")
+        env["ONDEMAND_CONF"] = str(self.config.parent / "ondemand.conf")
         extra: list[str] = []
         if settings.services:
             # Several services: each one's backend, from the shipped be_app (spoa.haproxy.template).
@@ -63,7 +63,7 @@ class Supervisor:
             env["ONDEMAND_ADDR"] = str(ondemand_listen(settings))
             extra.append(services_config)
         self.env = env
-        self.haproxy = HAProxyProcess(env, config=settings.haproxy_config or shipped_config(),
+        self.haproxy = HAProxyProcess(env, config=str(self.config),
                                       binary=settings.haproxy_bin or None, extra=extra)
         self._services_file = _file_state(settings.config_file) if settings.services else None
         self._next_file_check = 0.0
@@ -120,11 +120,10 @@ class Supervisor:
     # ------------------------------------------------------------------ several services
 
     def _write_services(self, settings: Settings) -> tuple[str, str]:
-        config = Path(settings.haproxy_config or shipped_config())
-        spoe = Path(config.parent, "spoe.conf").read_text(encoding="utf-8")
+        spoe = (self.config.parent / "spoe.conf").read_text(encoding="utf-8")
         services = service_settings(settings)
         found = [one for _, backends in pattern_backends(settings) for one in backends]
-        rendered = template.render(config.read_text(encoding="utf-8"), spoe, settings, services, found)
+        rendered = template.render(self.config.read_text(encoding="utf-8"), spoe, settings, services, found)
         return template.write(rendered, settings, [*services, *found])
 
     def _services_changed(self) -> bool:

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
+from typing import Self
 
 from spoa.config import DEFAULT_ON_DEMAND
 from spoa.local.backends import Backend
@@ -78,7 +78,7 @@ class Services(Stack):
         return env | {"SWARM_CONFIG_FILE": self.config_file}
 
     def start(self, members: Iterable[int] = (0, 1), wait: bool = True, start_backends: bool = True,
-              members_of: Mapping[str, Iterable[int]] | None = None) -> Services:
+              members_of: Mapping[str, Iterable[int]] | None = None) -> Self:
         """Start with the task slots `members` of every service in DNS (`members_of`: other slots
         for the services it names)."""
         try:
@@ -162,14 +162,6 @@ class Services(Stack):
             time.sleep(0.05)
         raise TimeoutError(f"be_{name}: {sorted(self.up_of(name))} UP, wanted {sorted(want)}; /readyz "
                            f"{self.readyz()}; log:\n{self.log_tail()}")
-
-    def __enter__(self) -> Services:
-        if self.proc is not None and self.proc.poll() is None:
-            return self  # `with services.start(members):` - already started
-        return self.start()
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        self.stop()
 
 
 def _max(options: str) -> int:

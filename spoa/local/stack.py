@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
+from typing import Self
 
 from spoa.haproxy.process import admin_command, show_info
 from spoa.local.backends import Backend
@@ -125,7 +126,7 @@ class Stack:
             "LOG_LEVEL": "info",
         } | self.extra_env
 
-    def start(self, members: Iterable[int] = (0, 1, 2), wait: bool = True, start_backends: bool = True) -> Stack:
+    def start(self, members: Iterable[int] = (0, 1, 2), wait: bool = True, start_backends: bool = True) -> Self:
         """Start `run` with the task slots `members` in DNS. `start_backends` False: their backends
         do not listen yet (a cold start whose tasks are not ready; then `wait` must be False)."""
         if self.proc is not None and self.proc.poll() is None:
@@ -172,7 +173,7 @@ class Stack:
         if self._own_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    def __enter__(self) -> Stack:
+    def __enter__(self) -> Self:
         if self.proc is not None and self.proc.poll() is None:
             return self  # `with stack.start(members):` - already started
         return self.start()
