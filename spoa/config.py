@@ -104,7 +104,7 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class ServiceLine:
-    """One line of SWARM_CONFIG_FILE: `[ROUTE] TARGET [name=N] [key=CHAIN] [cookie=C] [check=/P]`."""
+    """One line of SWARM_CONFIG_FILE: `[ROUTE] SERVICE [name=N] [key=CHAIN] [cookie=C] [check=/P] [max=N]`."""
 
     line: int = field(compare=False)  # line number in the file, for messages (a comment added is no change)
     route: Route | None  # None: the default service (takes what no route matches)
@@ -117,7 +117,7 @@ class ServiceLine:
     # service of its own. `service.name` then holds `{1}`, the label the Host has in the wildcard's place.
     on_demand: int = 0
 
-    def target_for(self, label: str) -> ServiceSpec:
+    def service_for(self, label: str) -> ServiceSpec:
         """The service a pattern finds for the Host label `label` (`shop` -> `tasks.shop:80`)."""
         return replace(self.service, name=self.service.name.replace(PATTERN_LABEL, label))
 
@@ -572,7 +572,7 @@ _ROUTE_HOST = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-
 # No `%` (HAProxy's log-format, in the cookie's Path) and no `$` (its environment expansion).
 _ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!&'()*+,;=:@-]+)+$")
 LINE_OPTIONS = ("name", "key", "cookie", "check", "max")
-# In a pattern's target, the Host's label in the wildcard's place; what it may be (one DNS label).
+# In a pattern's service name, the Host's label in the wildcard's place; what it may be (one DNS label).
 PATTERN_LABEL = "{1}"
 LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 DEFAULT_ON_DEMAND = 8  # services a pattern finds at most, unless its line says max=
@@ -769,8 +769,8 @@ def service_settings(settings: Settings) -> tuple[Settings, ...]:
 def pattern_backends(settings: Settings) -> tuple[tuple[ServiceLine, tuple[Settings, ...]], ...]:
     """Each pattern line with the settings of its `max` backends: `<name>_<n>` (n from 1), HAProxy
     backend `be_<name>_<n>`, their SPOP ports after the services of their own. A pattern backend's
-    `service` is the pattern's target until the agent gives it a service it found
-    (`ServiceLine.target_for`)."""
+    `service` is the pattern's (with {1}) until the agent gives it a service it found
+    (`ServiceLine.service_for`)."""
     out = []
     port = 1 + len(service_settings(settings)) if settings.services else 0
     for line in settings.services:

@@ -58,7 +58,7 @@ PREFIX = "haproxy_swarm_"
 class PatternBackend:
     """One of a pattern's `max` backends (be_<pattern>_<n>), free or holding one service."""
 
-    settings: Settings  # its own: HAProxy backend, maps, SPOP port; `service` is the pattern's target
+    settings: Settings  # its own: HAProxy backend, maps, SPOP port; `service` is the pattern's, with {1}
     agent: Agent | None = None
     host: str = ""  # the Host it serves, or is being found for; "" while free
     empty_since: float | None = None  # since when its service has had no members, or no member UP
@@ -185,7 +185,7 @@ class OnDemand:
                         host, pattern.line.route, len(pattern.backends), host)
             return None
         backend.host, backend.empty_since, backend.published = host, None, False  # claimed before the first await
-        service = pattern.line.target_for(label)
+        service = pattern.line.service_for(label)
         agent = self.make_agent(replace(backend.settings, service=service))
         try:
             await agent.discovery.refresh(asyncio.get_running_loop().time())
@@ -255,7 +255,7 @@ class OnDemand:
                 stale.append(host)
                 continue
             pattern, backend = found
-            backend.agent = self.make_agent(replace(backend.settings, service=pattern.line.target_for(label)))
+            backend.agent = self.make_agent(replace(backend.settings, service=pattern.line.service_for(label)))
             backend.host, backend.published = host, True  # HAProxy loaded it from the file
             self.hosts[host] = backend
             await self.start_agent(backend.agent)

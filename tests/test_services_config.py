@@ -162,7 +162,7 @@ def test_a_pattern_line_has_slots_after_the_services_ports(tmp_path: Path) -> No
     assert [one.service_name for one in service_settings(s)] == ["shop"]  # type: ignore[arg-type]
     ((line, slots),) = pattern_backends(s)  # type: ignore[arg-type]
     assert line.name == "apps" and line.on_demand == 3
-    assert line.target_for("blog") == ServiceSpec("tasks.blog", 8080)
+    assert line.service_for("blog") == ServiceSpec("tasks.blog", 8080)
     assert [one.haproxy_backend for one in slots] == ["be_apps_1", "be_apps_2", "be_apps_3"]
     assert [one.listen.port for one in slots] == [12002, 12003, 12004]
     assert {one.sticky_cookie for one in slots} == {"SWARMID_apps"}  # one cookie: each Host is its own
