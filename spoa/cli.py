@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(agent)
     run = sub.add_parser("run", help="run HAProxy (the shipped config) and the agent together, supervised")
     add_arguments(run)
+    run.add_argument("--print-config", action="store_true",
+                     help="print the services' backends as `run` renders them for HAProxy (RUN_DIR/services.cfg, "
+                          "read after the shipped haproxy.cfg) and exit")
 
     demo = sub.add_parser("demo", help="the local demo: real HAProxy, DNS and backends, a scripted scale-up/down")
     demo.add_argument("--traffic-port", type=int, default=8099)
@@ -80,8 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from spoa.app import run_agent
 
             return run_agent(settings)
-        from spoa.supervisor import run
+        from spoa.supervisor import rendered_config, run
 
+        if args.print_config:
+            print(rendered_config(settings), end="")
+            return 0
         return run(settings, reload_settings=lambda: load_settings(args))
     if args.command == "demo":
         from spoa.demo import DemoPorts

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -30,6 +30,8 @@ from spoa.config import (
     settings_env,
 )
 from spoa.haproxy import template
+from spoa.haproxy.answers import ServerState, parse_servers_state
+from spoa.haproxy.errors import RuntimeAPIError
 from spoa.haproxy.process import HAProxyError, HAProxyProcess, shipped_config, show_info
 from spoa.haproxy.table import write_atomically
 
@@ -39,6 +41,7 @@ AGENT_RESTART_MIN = 0.5
 AGENT_RESTART_MAX = 10.0
 STOP_GRACE = 30.0
 FILE_CHECK_INTERVAL = 1.0  # how often SWARM_CONFIG_FILE is read for a change (several services)
+SERVERS_SAVE_INTERVAL = 2.0  # how often the agent's servers and their states are saved for a reload
 
 
 class Supervisor:
@@ -54,15 +57,20 @@ class Supervisor:
         # Absolute: parsing one SPOE configuration leaves HAProxy's current directory where it started.
         env["SPOE_CONF"] = str(self.config.parent / "spoe.conf")
         env["ONDEMAND_CONF"] = str(self.config.parent / "ondemand.conf")
-        extra: list[str] = []
+        # Each service's backend, rendered from the shipped be_app (spoa.haproxy.template) into
+        # RUN_DIR, with the servers the agent holds whenever it is rendered again. SERVICES_MAP is in
+        # HAProxy's environment from the start, so a reload keeps it.
+        self._rendered: str | None = None
+        self._saved_state: str | None = None
+        self._next_servers_save = 0.0
+        services_config, services_map = self._write_services(settings)
+        env["RENDERED"] = "1"
+        env["SERVER_STATE_FILE"] = os.path.join(settings.run_dir, template.SERVER_STATE)
         if settings.services:
-            # Several services: each one's backend, from the shipped be_app (spoa.haproxy.template).
-            # SERVICES_MAP is in HAProxy's environment from the start, so a reload keeps it.
-            services_config, services_map = self._write_services(settings)
             env["SERVICES_MAP"] = services_map
             env["ONDEMAND_MAP"] = template.ondemand_map(settings)
             env["ONDEMAND_ADDR"] = str(ondemand_listen(settings))
-            extra.append(services_config)
+        extra = [services_config]
         if settings.trusted_proxies:
             os.makedirs(settings.run_dir, exist_ok=True)
             write_atomically(settings.trusted_proxies_file,
@@ -124,12 +132,56 @@ class Supervisor:
 
     # ------------------------------------------------------------------ several services
 
-    def _write_services(self, settings: Settings) -> tuple[str, str]:
+    def _render(self, settings: Settings, servers: Sequence[ServerState]) -> tuple[template.Rendered, list[Settings]]:
+        """The services' backends from the shipped be_app, each listing its agent-owned `servers`."""
         spoe = (self.config.parent / "spoe.conf").read_text(encoding="utf-8")
-        services = service_settings(settings)
+        services = list(service_settings(settings))
         found = [one for _, backends in pattern_backends(settings) for one in backends]
-        rendered = template.render(self.config.read_text(encoding="utf-8"), spoe, settings, services, found)
-        return template.write(rendered, settings, [*services, *found])
+        by_backend: dict[str, list[ServerState]] = {}
+        for server in servers:
+            by_backend.setdefault(server.backend, []).append(server)
+        rendered = template.render(self.config.read_text(encoding="utf-8"), spoe, settings, services, found,
+                                   servers=by_backend)
+        return rendered, [*services, *found]
+
+    def _write_services(self, settings: Settings, servers: Sequence[ServerState] = ()) -> tuple[str, str]:
+        """Render the services' backends, listing `servers` (what HAProxy holds) in each, and write them."""
+        rendered, backends = self._render(settings, servers)
+        self._rendered = rendered.config
+        return template.write(rendered, settings, backends)
+
+    def _save_servers(self) -> None:
+        """Save what a reload must start from: the agent's servers into the rendered backends (written
+        only when they changed) and every server's state into the server-state file HAProxy loads.
+        Before every reload `run` makes, and every SERVERS_SAVE_INTERVAL (for one made by signalling
+        HAProxy's master directly). HAProxy not answering: nothing is saved."""
+        self._next_servers_save = time.monotonic() + SERVERS_SAVE_INTERVAL
+        servers = self._read_servers()
+        if servers is None:
+            return
+        rendered, backends = self._render(self.settings, servers)
+        if rendered.config != self._rendered:
+            self._rendered = rendered.config
+            template.write(rendered, self.settings, backends)
+
+    def _read_servers(self) -> list[ServerState] | None:
+        """Every server HAProxy holds, its states saved into the server-state file; None when HAProxy
+        does not answer."""
+        try:
+            answer = self.haproxy.command("show servers state")
+            servers = parse_servers_state(answer)
+        except (OSError, RuntimeAPIError) as e:
+            log.debug("servers not saved: %s", e)
+            return None
+        if answer != self._saved_state:
+            write_atomically(self.env["SERVER_STATE_FILE"], answer.encode())
+            self._saved_state = answer
+        return servers
+
+    def _reload_haproxy(self) -> None:
+        """SIGUSR2 to HAProxy's master, after saving the servers the new worker starts from."""
+        self._save_servers()
+        os.kill(self.haproxy.pid, signal.SIGUSR2)
 
     def _services_changed(self) -> bool:
         """SWARM_CONFIG_FILE changed since it was last read (checked once a second)."""
@@ -150,7 +202,7 @@ class Supervisor:
         except ConfigError as e:
             log.error("%s: not applied, still routing by the services read before: %s", self.settings.config_file, e)
             if reload:
-                os.kill(self.haproxy.pid, signal.SIGUSR2)  # the reload asked for, with the services as they were
+                self._reload_haproxy()  # the reload asked for, with the services as they were
             return
         if not new.services:
             log.error("%s now names a single service without a route; switching between one service and "
@@ -159,14 +211,15 @@ class Supervisor:
         if new.services == self.settings.services:
             if reload:  # SIGHUP with the same services: the reload asked for (e.g. a renewed TLS_CERT)
                 log.info("services unchanged; reloading HAProxy (SIGUSR2 to its master)")
-                os.kill(self.haproxy.pid, signal.SIGUSR2)
+                self._reload_haproxy()
             return
-        self._write_services(new)
+        servers = self._read_servers() or []
+        self._write_services(new, servers)
         try:
             self.haproxy.check()
         except HAProxyError as e:
             log.error("HAProxy refuses the services of %s, not applied: %s", self.settings.config_file, e)
-            self._write_services(self.settings)
+            self._write_services(self.settings, servers)
             return
         before = {line.name for line in self.settings.services}
         after = {line.name for line in new.services}
@@ -175,7 +228,7 @@ class Supervisor:
                            + [f"~{line.name}" for line in new.services
                               if line.name in before and line not in self.settings.services]) or "order")
         self.settings = new
-        os.kill(self.haproxy.pid, signal.SIGUSR2)
+        self._reload_haproxy()
         agent, self.agent = self.agent, None
         if agent is not None and agent.poll() is None:
             agent.terminate()
@@ -233,10 +286,12 @@ class Supervisor:
             elif self._reload_requested:
                 self._reload_requested = False
                 log.info("reloading HAProxy (SIGUSR2 to its master)")
-                os.kill(self.haproxy.pid, signal.SIGUSR2)
+                self._reload_haproxy()
             elif self.reload_settings is not None and self._services_changed():
                 log.info("%s changed", self.settings.config_file)
                 self._apply_services()
+            if time.monotonic() >= self._next_servers_save:
+                self._save_servers()
             proc = self.haproxy.proc
             if proc is None or proc.poll() is not None:
                 code = proc.returncode if proc is not None else -1
@@ -301,6 +356,17 @@ def _cannot_listen(address: HostPort) -> str | None:
         except OSError as e:
             return (e.strerror or str(e)).lower()
     return None
+
+
+def rendered_config(settings: Settings) -> str:
+    """What `run` gives HAProxy after the shipped haproxy.cfg, as it renders it at start (no servers
+    yet: the agent adds them; a later rendering lists them too)."""
+    config = Path(settings.haproxy_config or shipped_config()).resolve()
+    spoe = (config.parent / "spoe.conf").read_text(encoding="utf-8")
+    found = [one for _, backends in pattern_backends(settings) for one in backends]
+    rendered = template.render(config.read_text(encoding="utf-8"), spoe, settings, service_settings(settings), found)
+    path = os.path.join(settings.run_dir, template.SERVICES_CONFIG)
+    return f"# haproxy -f {config} -f {path}\n# {path}:\n{rendered.config}"
 
 
 def run(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> int:

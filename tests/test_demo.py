@@ -31,7 +31,7 @@ def test_demo_walks_through_scale_up_and_down_and_cleans_up() -> None:
     assert len({source for _, source, _, _ in named}) == 4
     assert len({(task, cookie) for _, _, task, cookie in named}) == len({task for _, _, task, _ in named}) \
         == len({cookie for *_, cookie in named})
-    assert "A first visit goes where the hash of the user's source address points" in out
+    assert "A first visit is placed by HAProxy on the least loaded task" in out
     assert re.search(r"users on task-1/task-2: \d+, of whom moved: 0", out)
     spread = re.search(r"60 new users: \{(.*)\}", out)
     assert spread and "'task-4'" in spread.group(1) and "'task-5'" in spread.group(1)

@@ -23,6 +23,11 @@ from types import TracebackType
 from typing import Any
 
 _INSTALLED_CONFIG = "/etc/haproxy-swarm/haproxy.cfg"
+# A server-state file (`show servers state`, format version 1) that lists no server.
+EMPTY_SERVER_STATE = ("1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight "
+                      "srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health "
+                      "srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord "
+                      "srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port\n")
 
 
 def shipped_config() -> str:
@@ -134,6 +139,10 @@ class HAProxyProcess:
             path = self.env.setdefault(var, os.path.join(run_dir, name))
             if not os.path.exists(path):
                 Path(path).touch()
+        # No server state saved yet: a file of no server (HAProxy warns about a missing or empty one).
+        state = self.env.setdefault("SERVER_STATE_FILE", os.path.join(run_dir, "servers.state"))
+        if not os.path.exists(state):
+            Path(state).write_text(EMPTY_SERVER_STATE, encoding="utf-8")
 
     def check(self) -> None:
         """`haproxy -c`: raise HAProxyError with HAProxy's own message when the config is refused."""

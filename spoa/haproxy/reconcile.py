@@ -114,6 +114,22 @@ class CheckSettings:
         return self.downinter + (self.rise - 1) * self.fastinter
 
 
+def server_keywords(checks: CheckSettings) -> str:
+    """What follows the address of every server the agent owns: in `add server`, and in the
+    `server` lines `run` renders for a reload (spoa.haproxy.template), so both are the same server."""
+    return f"{checks.keywords()} {OBSERVE_KEYWORDS} {POOL_KEYWORDS}"
+
+
+def owned_members(servers: Iterable[ServerState]) -> list[tuple[ServerState, Member]]:
+    """The servers the agent owns (named from a member's address, and at that address), with their member."""
+    out = []
+    for server in servers:
+        member = member_from_server_name(server.name)
+        if member is not None and _same_address(server, member):
+            out.append((server, member))
+    return out
+
+
 def member_from_server_name(name: str) -> Member | None:
     """The member whose canonical `server_name` is `name`, or None (not one of the agent's servers)."""
     ip_text, sep, port_text = name.rpartition("_")
@@ -246,8 +262,7 @@ class Reconciler:
 
     def _add(self, member: Member) -> tuple[str, ...]:
         srv = self._srv(member.server_name)
-        return (f"add server {srv} {member.address} {self.checks.keywords()} {OBSERVE_KEYWORDS} {POOL_KEYWORDS}",
-                f"enable health {srv}")
+        return f"add server {srv} {member.address} {server_keywords(self.checks)}", f"enable health {srv}"
 
     # ------------------------------------------------------------------ the plan
 
@@ -447,5 +462,7 @@ __all__ = [
     "Reconciler",
     "cookie_entries",
     "member_from_server_name",
+    "owned_members",
     "plan_cookie_map",
+    "server_keywords",
 ]

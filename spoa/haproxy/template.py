@@ -1,14 +1,19 @@
-"""Several services: each one's HAProxy backend, instantiated from the shipped haproxy.cfg's own.
+"""The services' HAProxy backends, rendered from the shipped haproxy.cfg's `be_app`, with their members.
 
-Owns: turning the shipped config's `be_app` and `be_agent` sections and the shipped spoe.conf into
-one copy per service (SWARM_CONFIG_FILE with several lines; spoa.config.service_settings), where
-each `${NAME}` the service sets is replaced by the service's value - exactly what HAProxy's own
-environment expansion would give, had the service's settings been the environment - and writing
-them, with the services map fe_main routes by, into RUN_DIR. `run` passes the file to HAProxy after
-the shipped one (`-f haproxy.cfg -f services.cfg`), so the shipped file stays the only template:
-there is no second copy of the chain walk to keep in step. Written at start and when the file of
-services changes; never for a scale event (the agent writes servers through the runtime API).
-Must not: invent configuration of its own beyond renaming the sections.
+Owns: turning the shipped config's `be_app` (and, for several services, `be_agent` and spoe.conf)
+into one copy per service (SWARM_CONFIG_FILE; spoa.config.service_settings), where each `${NAME}`
+the service sets is replaced by the service's value - exactly what HAProxy's own environment
+expansion would give, had the service's settings been the environment - and writing them, with
+the services map fe_main routes by, into RUN_DIR. One service or fifty take this one path (the one
+service of a one-line file keeps the names `be_app` and `be_agent`). `run` passes the file to HAProxy
+after the shipped one (`-f haproxy.cfg -f services.cfg`; RENDERED=1 keeps the shipped `be_app` out),
+so the shipped file stays the only template: there is no second copy of the chain walk to keep in
+step. Each backend also lists the servers the agent holds in it at that moment (`server` lines with
+the keywords of its `add server`), so a reload starts from the same servers, and, through the
+server-state file `run` saves beside it, with the same health: nobody moves. Written at start, when
+the file of services changes, before a reload and when the agent's servers changed; never needed
+for a scale event itself (the agent writes servers through the runtime API).
+Must not: invent configuration of its own beyond renaming the sections and listing the servers.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spoa.config import Settings
+from spoa.haproxy.answers import ServerState
+from spoa.haproxy.reconcile import CheckSettings, owned_members, server_keywords
 from spoa.haproxy.table import write_atomically
 
 _SECTION = re.compile(r"^(global|defaults|frontend|backend|listen|resolvers|peers|userlist|program|"
@@ -28,6 +35,7 @@ _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 SERVICES_CONFIG = "services.cfg"
 SERVICES_MAP = "services.map"
+SERVER_STATE = "servers.state"
 ONDEMAND_MAP = "ondemand.map"
 
 
@@ -46,16 +54,21 @@ def section(config: str, header: str) -> str:
     if not lines:
         raise ValueError(f"no section {header!r} in the config")
     # A conditional opened after the section's last line belongs to what follows (e.g. an `.if`
-    # around the next section): leave it out.
+    # around the next section), and one closed in it that it did not open (an `.if` around this
+    # section) to what precedes it: leave both out.
     opened: list[int] = []
+    unmatched: set[int] = set()
     for n, line in enumerate(lines):
         if line.startswith(".if"):
             opened.append(n)
-        elif line.startswith(".endif") and opened:
-            opened.pop()
+        elif line.startswith(".endif"):
+            if opened:
+                opened.pop()
+            else:
+                unmatched.add(n)
     if opened:
         lines = lines[:opened[0]]
-    return "\n".join(lines) + "\n"
+    return "\n".join(line for n, line in enumerate(lines) if n not in unmatched) + "\n"
 
 
 def substitute(text: str, values: Mapping[str, str]) -> str:
@@ -79,6 +92,13 @@ def service_values(service: Settings, spoe_conf: str, pattern: bool = False) -> 
     return values
 
 
+def server_lines(servers: Sequence[ServerState], checks: CheckSettings) -> str:
+    """The `server` lines of the agent's servers among `servers` (one backend's), as `add server`
+    creates them. Other servers (an operator's, the DNS fallback's) are left out."""
+    return "".join(f"    server {member.server_name} {member.address} {server_keywords(checks)}\n"
+                   for _, member in owned_members(servers))
+
+
 @dataclass(frozen=True, slots=True)
 class Rendered:
     config: str  # services.cfg: every service's backend and agent backend
@@ -87,21 +107,31 @@ class Rendered:
 
 
 def render(config: str, spoe_conf: str, main: Settings, services: Sequence[Settings],
-           found: Sequence[Settings] = ()) -> Rendered:
+           found: Sequence[Settings] = (), servers: Mapping[str, Sequence[ServerState]] | None = None,
+           checks: CheckSettings | None = None) -> Rendered:
     """The copies for `services` (service_settings(main)) and the patterns' backends `found`
-    (pattern_backends(main)), from the shipped config and spoe.conf."""
+    (pattern_backends(main)), from the shipped config and spoe.conf; `servers`: what HAProxy holds,
+    by backend name (`show servers state`), whose agent-owned servers each copy lists."""
+    servers = servers or {}
+    checks = checks or CheckSettings()
     backend, agent = section(config, "backend be_app"), section(config, "backend be_agent")
     out = [f"# Written by haproxy-swarm from {main.config_file} and the shipped haproxy.cfg; do not edit.\n"]
+    if not main.services:
+        # The one service of a one-line file: the shipped names (be_app, be_agent, spoe.conf as it is).
+        values = main.haproxy_env() | {"SERVICE_NAME": "-", "AGENT_BACKEND": "be_agent"}
+        out.append(substitute(backend, values) + server_lines(servers.get("be_app", ()), checks))
+        out.append(substitute(section(config, "backend be_app_dns"), values))
+        out.append(substitute(agent, values))
+        return Rendered("\n".join(out), {}, "")
     spoe: dict[str, str] = {}
     for one in [*services, *found]:
         spoe_path = os.path.join(main.run_dir, f"{one.service_name}.spoe.conf")
         values = service_values(one, spoe_path, pattern=one in found)
         be, be_agent = backend_names(one)
-        out.append(substitute(backend, values).replace("backend be_app\n", f"backend {be}\n", 1))
+        out.append(substitute(backend, values).replace("backend be_app\n", f"backend {be}\n", 1)
+                   + server_lines(servers.get(be, ()), checks))
         out.append(substitute(agent, values).replace("backend be_agent\n", f"backend {be_agent}\n", 1))
         spoe[spoe_path] = substitute(spoe_conf, values)
-    # HAProxy takes the first regular expression that matches: the most specific route first, the
-    # default service (no route: `^` matches anything) last.
     # HAProxy takes the first regular expression that matches: the most specific route first, the
     # default service (no route: `^` matches anything) last. A pattern's value is `@<name>`: fe_main
     # then looks the Host up in the on-demand map, or asks the agent.
@@ -132,4 +162,4 @@ def write(rendered: Rendered, main: Settings, services: Sequence[Settings]) -> t
     return config_path, map_path
 
 
-__all__ = ["SERVICES_CONFIG", "SERVICES_MAP", "Rendered", "render", "section", "substitute", "write"]
+__all__ = ["SERVER_STATE", "SERVICES_CONFIG", "SERVICES_MAP", "Rendered", "render", "section", "substitute", "write"]

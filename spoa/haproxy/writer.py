@@ -16,7 +16,7 @@ Order within a step, so a sticky cookie never names a server that cannot take it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from spoa.config import Settings
@@ -33,6 +33,7 @@ from spoa.haproxy.reconcile import (
     plan_cookie_map,
 )
 from spoa.haproxy.runtime import CommandObserver, RuntimeAPI, RuntimeSession, validate_map_path
+from spoa.haproxy.table import write_atomically
 from spoa.member import Member
 
 CookieValue = Callable[[Member], str]
@@ -85,6 +86,7 @@ class HAProxyWriter:
         self.cookie_map = cookie_map
         self.cookie_value = cookie_value
         self._up: frozenset[Member] = frozenset()
+        self._cookie_file: dict[str, str] | None = None  # what the cookie map's file holds (None: unknown)
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -183,9 +185,22 @@ class HAProxyWriter:
             adds = [f"add map {self.cookie_map} {k} {v}" for k, v in sorted(want_after.items())
                     if k not in want_before]
             await self._map_commands(s, adds, log)
+            self._write_cookie_file(want_after, log)
 
         self._up = frozenset(up)
         return log.report(reachable=True, up=self._up)
+
+    def _write_cookie_file(self, entries: Mapping[str, str], log: _StepLog) -> None:
+        """The cookie map's file too, when its entries changed: a reload then starts from the cookies
+        HAProxy routes by now, instead of asking the agent for each until it has written them back."""
+        if self.cookie_map is None or entries == self._cookie_file:
+            return
+        try:
+            write_atomically(self.cookie_map, "".join(f"{k} {v}\n" for k, v in sorted(entries.items())).encode())
+        except OSError as e:
+            log.errors.append(f"cookie map file {self.cookie_map}: {e}")
+            return
+        self._cookie_file = dict(entries)
 
     async def _run(self, s: RuntimeSession, action: Action) -> ActionResult:
         for command in action.commands:

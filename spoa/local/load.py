@@ -378,7 +378,9 @@ class Load:
                 conn.close()
 
     def _request_bytes(self, user: User) -> bytes:
-        lines = [f"GET {self.path} HTTP/1.1", f"Host: {self.host}:{self.port}", "User-Agent: haproxy-swarm-load"]
+        lines = [f"GET {self.path} HTTP/1.1", "User-Agent: haproxy-swarm-load"]
+        if "Host" not in user.headers:  # a user's own Host (several services) replaces the default
+            lines.append(f"Host: {self.host}:{self.port}")
         lines += [f"{k}: {v}" for k, v in user.headers.items()]
         if user.cookies and user.name not in self.cookieless:
             lines.append("Cookie: " + "; ".join(f"{k}={v}" for k, v in user.cookies.items()))
