@@ -12,8 +12,8 @@ deleting the switch's namespace removes the bridge and every veth with it.
     hsw-node2  eth1  172.31.251.3/24 ---+
 
 A node's engine and everything it starts (its containerd, the shims, the containers) live in a
-cgroup of their own (`/sys/fs/cgroup/unified/hsw-nodeN` on this hybrid-cgroup machine, the
-engine's `--cgroup-parent` too), so losing the node is one write: `cgroup.kill`, every process of
+cgroup of their own (`hsw-nodeN` at the root of the cgroup2 hierarchy, the engine's
+`--cgroup-parent` too), so losing the node is one write: `cgroup.kill`, every process of
 the node dies at once, as in a power cut; its link stays up, so its address refuses connections.
 
 Owns: the namespaces, links, cgroups, engines and engine state directories it creates; `close()`
@@ -43,7 +43,10 @@ SUBNET = "172.31.251"
 HOST_ADDRESS = f"{SUBNET}.1"  # the machine's own end: the manager's --advertise-addr
 HOST_LINK = f"{PREFIX}-host"
 SWITCH = f"{PREFIX}-switch"
-CGROUP_ROOT = Path("/sys/fs/cgroup/unified")  # the cgroup2 hierarchy, as the machine mounts it
+# The cgroup2 hierarchy as the machine mounts it: /sys/fs/cgroup itself on a cgroup2-only machine,
+# /sys/fs/cgroup/unified on a hybrid one (as here: the machine's engine uses cgroup v1).
+CGROUP_ROOT = (Path("/sys/fs/cgroup") if Path("/sys/fs/cgroup/cgroup.controllers").exists()
+               else Path("/sys/fs/cgroup/unified"))
 RUN = Path("/run/haproxy-swarm-nodes")  # sockets and pid files (the exec-roots are tmpfs'd over)
 CACHE = Path(os.environ.get("HAPROXY_SWARM_CACHE", "/var/cache/haproxy-swarm")) / "swarm-nodes"
 
@@ -123,6 +126,8 @@ class Node:
         (run / "exec").mkdir(parents=True, exist_ok=True)
         self.data_root.mkdir(parents=True, exist_ok=True)
         self.cgroup.mkdir(exist_ok=True)
+        # `ip netns exec` remounts /sys, hiding the machine's cgroup mounts (dockerd would say "Devices
+        # cgroup isn't mounted"): cgroup2 is mounted again, and the shell joins the node's cgroup.
         script = (
             "mount --make-rprivate / && "
             "mount -t cgroup2 none /sys/fs/cgroup && "
@@ -132,8 +137,6 @@ class Node:
             f"-H {self.host} --pidfile {run / 'dockerd.pid'} --bridge none "
             f"--cgroup-parent /{self.name} --storage-driver overlay2"
         )
-        # `ip netns exec` remounts /sys, hiding the machine's cgroup mounts (dockerd would say "Devices
-        # cgroup isn't mounted"): cgroup2 is mounted again, and the shell joins the node's cgroup.
         log = open(self.data_root / "dockerd.log", "ab")  # noqa: SIM115 - handed to the engine
         env = os.environ | {"DOCKER_SERVICE_PREFER_OFFLINE_IMAGE": "1"}  # no registry to ask
         self.proc = subprocess.Popen(["ip", "netns", "exec", self.name, "unshare", "-m", "sh", "-c", script],
@@ -184,11 +187,12 @@ class Node:
         remove_cgroup(self.cgroup)
 
     def load_images(self, images: list[str]) -> float:
-        """Give the node the machine's `images` (docker save | load), those it lacks; seconds taken."""
+        """Give the node the machine's `images` (docker save | load), those it lacks, and drop any
+        other image it has (older builds: the data root is kept between runs); seconds taken."""
         start = time.monotonic()
-        missing = [i for i in images
-                   if self.docker("image", "inspect", "-f", "{{.Id}}", i, check=False).strip()
-                   != docker("image", "inspect", "-f", "{{.Id}}", i).strip()]
+        wanted = {i: docker("image", "inspect", "-f", "{{.Id}}", i).strip() for i in images}
+        missing = [i for i, image_id in wanted.items()
+                   if self.docker("image", "inspect", "-f", "{{.Id}}", i, check=False).strip() != image_id]
         if missing:
             save = subprocess.Popen([DOCKER, "save", *missing], stdout=subprocess.PIPE)
             load = subprocess.run([DOCKER, "-H", self.host, "load", "-q"], stdin=save.stdout, capture_output=True,
@@ -198,6 +202,9 @@ class Node:
             save.wait(timeout=60)
             if save.returncode or load.returncode:
                 raise AssertionError(f"moving {missing} to {self.name}: {load.stderr.decode(errors='replace')}")
+        others = set(self.docker("images", "-q", "--no-trunc").split()) - set(wanted.values())
+        if others:
+            self.docker("rmi", "-f", *others, check=False)
         return time.monotonic() - start
 
 
