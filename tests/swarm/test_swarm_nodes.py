@@ -183,6 +183,8 @@ def test_three_nodes_scale_lose_a_node_and_bring_it_back(cluster: Cluster, reque
     """docker-stack.yml as shipped on three nodes: users on every node's replica stay on their task
     through a scale-up, the loss of a node and its return; only the lost tasks' users move."""
     nodes, swarm = cluster.nodes, cluster.swarm
+    for port in (8099, 8888):
+        assert not answers("127.0.0.1", port), f"127.0.0.1:{port} is taken before the test; the stack publishes it"
     t0 = time.monotonic()
     swarm.deploy(STACK, "docker-stack.yml", *OVERRIDES)
     all_nodes = [HOST_ADDRESS] + [n.address for n in nodes.nodes]
