@@ -274,7 +274,11 @@ def test_three_nodes_scale_lose_a_node_and_bring_it_back(cluster: Cluster, reque
     failed_lost_users = [r for r in surviving if not r.ok and homes.get(r.user) in lost_tasks]
     failed_others = [r for r in surviving if not r.ok and homes.get(r.user) not in lost_tasks]
     lost_users = {u for u, t in homes.items() if t in lost_tasks}
-    recookied = {r.user for r in in_window if r.user in lost_users and r.ok and r.cookie_set}
+    recookied_at: dict[str, float] = {}  # a lost task's user -> when its new cookie came, after the loss
+    for r in in_window:
+        if r.user in lost_users and r.ok and r.cookie_set:
+            recookied_at.setdefault(r.user, r.t - start)
+    recookied = set(recookied_at)
     print(f"{loss.line()}; node killed in {killed_in:.2f} s; lost tasks not UP on the surviving replicas after "
           f"{marked_down - start:.1f} s, node down for the manager after {node_down - start:.1f} s, "
           f"{len(rescheduled)} tasks rescheduled on the survivors after {rescheduled_at - start:.1f} s, UP after "
@@ -282,7 +286,8 @@ def test_three_nodes_scale_lose_a_node_and_bring_it_back(cluster: Cluster, reque
           f"{len(lost_users)} users through the surviving replicas, {len(failed_others)} of the others; "
           f"{len(through_lost)} requests went to the lost replica, {sum(not r.ok for r in through_lost)} failed "
           f"(slowest {max((r.latency for r in through_lost), default=0):.1f} s); "
-          f"{len(recookied)} of the lost tasks' users got a new cookie")
+          f"{len(recookied)} of the lost tasks' users got a new cookie, "
+          f"{min(recookied_at.values(), default=0):.1f}-{max(recookied_at.values(), default=0):.1f} s after the loss")
     check(not loss.users_moved, f"lose a node: users whose task stayed moved {loss.users_moved}")
     check(not failed_others, f"lose a node: failed requests of users whose task stayed {failed_others[:5]}")
     check(all(sum(r.user == u for r in failed_lost_users) <= 1 for u in lost_users),
