@@ -74,7 +74,7 @@ class Agent:
         # decision that issues the sticky cookie sets the cookie from (either DECIDE).
         self.api = RuntimeAPI(settings.admin_socket, observer=self.metrics)
         self.table: TablePublisher | None = None
-        slot_map = settings.slot_map if settings.decide == "table" else None
+        slot_map = settings.slot_map if settings.slots_used else None
         cookie_map = settings.server_cookie_map if settings.issues_cookie else None
         if slot_map is not None or cookie_map is not None:
             self.table = TablePublisher(self.api, slot_map, cookie_map)
@@ -95,7 +95,7 @@ class Agent:
             return False, f"no members for {self.settings.service} yet"
         if not self.haproxy_reachable:
             return False, f"HAProxy socket {self.settings.admin_socket} does not answer"
-        if self.table is not None and self.table.slot_map is not None:
+        if self.table is not None:  # the slots HAProxy decides keys by, the cookies a first visit gets
             if not self.router.up:
                 return False, f"none of {len(self.discovery.members)} members is up yet"
             table = self.router.decision_table()

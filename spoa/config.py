@@ -263,6 +263,37 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected 1 or 0 (true/false, yes/no, on/off), got {text!r}")
 
 
+def parse_networks(text: str) -> tuple[str, ...]:
+    """`10.0.0.0/8, 192.168.1.7 fd00::/8` (commas or spaces) → the networks in CIDR form. A host
+    address stands for itself; a network with host bits set is refused (`10.0.0.1/8` is ambiguous)."""
+    out: list[str] = []
+    for word in text.replace(",", " ").split():
+        try:
+            out.append(str(ipaddress.ip_network(word, strict=True)))
+        except ValueError as e:
+            why = f"expected IP networks in CIDR form (10.0.0.0/8) or addresses, got {word!r}: {e}"
+            raise ValueError(why) from None
+    return tuple(out)
+
+
+CLIENT_ADDRESS_SOURCES = ("proxy-protocol", "x-forwarded-for")
+
+
+def parse_client_address_from(text: str) -> tuple[str, ...]:
+    """`proxy-protocol,x-forwarded-for`: where a trusted proxy puts the client's address."""
+    words = tuple(w for w in text.replace(",", " ").split())
+    if not words or any(w not in CLIENT_ADDRESS_SOURCES for w in words) or len(set(words)) != len(words):
+        raise ValueError(f"expected one or both of {', '.join(CLIENT_ADDRESS_SOURCES)}, got {text!r}")
+    return words
+
+
+def parse_balance(text: str) -> str:
+    """How HAProxy places a first visit by load: `leastconn`, or `random` with its number of draws."""
+    if text == "leastconn" or re.fullmatch(r"random\([1-9]\)", text):
+        return text
+    raise ValueError(f"expected leastconn or random(N) with N from 1 to 9, got {text!r}")
+
+
 def parse_tls_cert(text: str) -> str:
     """A PEM file holding the certificate (chain) and its private key, as HAProxy's `crt` takes it;
     "" = no HTTPS. Checked here, before HAProxy starts, so a missing or bad file stops the start
@@ -308,6 +339,13 @@ def nameserver_from_resolv_conf(path: str = "/etc/resolv.conf") -> HostPort:
 # --------------------------------------------------------------------------- settings
 
 
+def _fetch(source: KeySource) -> str:
+    """HAProxy's sample fetch of a key of the chain (the same spoe.conf sends the agent)."""
+    if source.kind == "src":
+        return "var(txn.client)"  # the client's address (TRUSTED_PROXIES), set in fe_main
+    return {"cookie": "req.cook", "header": "req.hdr", "param": "url_param"}[source.kind] + f"({source.name})"
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the agent and `run` need, validated."""
@@ -318,7 +356,7 @@ class Settings:
     refresh: float = 2.0
     dns_timeout: float = 1.0
     member_grace: float = 10.0
-    sticky_key: tuple[KeySource, ...] = (KeySource("cookie", "SWARMID"), KeySource("src"))
+    sticky_key: tuple[KeySource, ...] = (KeySource("cookie", "SWARMID"),)
     sticky_cookie: str = "SWARMID"
     cookie_secret: str = ""
     cookie_max_age: int = 0
@@ -342,6 +380,9 @@ class Settings:
     https_bind: HostPort = HostPort("0.0.0.0", 8443)
     https_redirect: bool = False
     https_redirect_port: int = 443
+    trusted_proxies: tuple[str, ...] = ()
+    client_address_from: tuple[str, ...] = ("x-forwarded-for",)
+    balance: str = "leastconn"
     # Not settings of their own: several services in SWARM_CONFIG_FILE (load_settings), and what
     # service_settings derives for each of them.
     services: tuple[ServiceLine, ...] = ()
@@ -371,6 +412,11 @@ class Settings:
         return os.path.join(self.run_dir, f"{self.service_name}.{name}" if self.service_name else name)
 
     @property
+    def trusted_proxies_file(self) -> str:
+        """The list of TRUSTED_PROXIES that `run` writes for HAProxy (`src -f`), one network a line."""
+        return os.path.join(self.run_dir, "trusted-proxies.lst")
+
+    @property
     def cookie_attributes(self) -> str:
         """What follows `NAME=value` in the sticky cookie's Set-Cookie (`; Secure` is added over TLS)."""
         attrs = f"; Path={self.service_path or '/'}; HttpOnly; SameSite=Lax"
@@ -396,11 +442,22 @@ class Settings:
                 env[f"KEY_{n}"], env[f"SOURCE_{n}"], env["STICKY_AT"] = "sticky", "cookie", str(n)
                 continue
             # The same fetches spoe.conf sends the agent; strings hashed over their first KEY_LIMIT bytes.
-            fetch = {"cookie": f"req.cook({source.name})", "header": f"req.hdr({source.name})",
-                     "param": f"url_param({source.name})", "src": "src"}[source.kind]
+            fetch = _fetch(source)
             env[f"KEY_{n}"] = fetch if source.kind == "src" else f"{fetch},bytes(0,{KEY_LIMIT})"
             env[f"SOURCE_{n}"] = source.kind
         return env
+
+    @property
+    def first_key_fetch(self) -> str:
+        """The sample expression of the chain's first key, which the DNS fallback hashes."""
+        return _fetch(self.sticky_key[0])
+
+    @property
+    def slots_used(self) -> bool:
+        """True when HAProxy decides keys from the slot map: DECIDE=table and the chain names a key
+        besides the sticky cookie (the map is not even loaded otherwise)."""
+        return self.decide == "table" and any(
+            not (s.kind == "cookie" and s.name == self.sticky_cookie) for s in self.sticky_key)
 
     @property
     def issues_cookie(self) -> bool:
@@ -432,8 +489,14 @@ class Settings:
             "HTTPS_BIND": str(self.https_bind),
             "HTTPS_REDIRECT": "1" if self.https_redirect else "0",
             "HTTPS_REDIRECT_PORT": str(self.https_redirect_port),
+            "BALANCE": self.balance,
+            "FALLBACK_KEY": self.first_key_fetch,
+            "PROXY_PROTOCOL": "1" if self.trusted_proxies and "proxy-protocol" in self.client_address_from else "0",
+            "FORWARDED_FOR": "1" if self.trusted_proxies and "x-forwarded-for" in self.client_address_from else "0",
             **self.chain_env(),
         }
+        if self.trusted_proxies:
+            env["TRUSTED_PROXIES_FILE"] = self.trusted_proxies_file
         # The SPOE message has one slot per key kind; unused slots fetch a name nobody sends.
         unused = "X-Haproxy-Swarm-Unused"
         env["KEY_COOKIE"] = env["KEY_HEADER"] = env["KEY_PARAM"] = unused
@@ -502,8 +565,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("member_grace", "MEMBER_GRACE", "--member-grace", parse_seconds,
            "seconds a member may be missing from DNS before it is removed", "10"),
     Option("sticky_key", "STICKY_KEY", "--sticky-key", parse_sticky_key,
-           "sticky key chain, first present wins: cookie:NAME, header:NAME, param:NAME, src",
-           "cookie:SWARMID,src"),
+           "sticky key chain, first present wins: cookie:NAME, header:NAME, param:NAME, src (the client "
+           "address: behind Swarm's routing mesh or a NAT every client has the same one; see TRUSTED_PROXIES); "
+           "a request with none of them is a first visit, placed by HAProxy by load (BALANCE)",
+           "cookie:SWARMID"),
     Option("sticky_cookie", "STICKY_COOKIE", "--sticky-cookie", _sticky_cookie,
            "name of the cookie the agent issues (when the chain names it)", "SWARMID"),
     Option("cookie_secret", "COOKIE_SECRET", "--cookie-secret", str,
@@ -557,6 +622,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("https_redirect_port", "HTTPS_REDIRECT_PORT", "--https-redirect-port", parse_port,
            "the HTTPS port clients reach (the published port, not HTTPS_BIND's) that redirects name; "
            "443 is left out of the Location", "443"),
+    Option("trusted_proxies", "TRUSTED_PROXIES", "--trusted-proxies", parse_networks,
+           "proxies (CIDR list) whose word on the client's address is believed (CLIENT_ADDRESS_FROM); "
+           "that address is `src` in STICKY_KEY, the log's client and the task's X-Real-IP",
+           "(empty: nobody; the client is the connection's peer)"),
+    Option("client_address_from", "CLIENT_ADDRESS_FROM", "--client-address-from", parse_client_address_from,
+           "where a trusted proxy gives the client's address: x-forwarded-for (its right-most address "
+           "that is not itself trusted), proxy-protocol (v1 or v2; required from trusted peers), or both",
+           "x-forwarded-for"),
+    Option("balance", "BALANCE", "--balance", parse_balance,
+           "how HAProxy places a first visit by load over the UP members: leastconn or random(2)",
+           "leastconn"),
 )
 
 

@@ -100,8 +100,8 @@ class Demo:
         # below): with 3 tasks and 4 users, two of them share a task whatever the addresses are.
         named = [User(name, f"127.1.1.{i + 1}") for i, name in enumerate(("alice", "bob", "carol", "dave"))]
         out("\n1. Four users, three requests each: each stays on one task (the agent sets a cookie)")
-        out("   A first visit goes where the hash of the user's source address points (STICKY_KEY="
-            "cookie:SWARMID,src); the SWARMID cookie then names that task, so users on one task share it.")
+        out("   A first visit is placed by HAProxy on the least loaded task (whatever the user's address); "
+            "the SWARMID cookie then names that task, so users on one task share it.")
         for user in named:
             seen = [self.visit(user) for _ in range(3)]
             out(f"   {user.name:6} from {user.source_ip:10} → {', '.join(seen)}   "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -36,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from spoa.agent import AgentServer
 from spoa.config import LABEL, Route, ServiceLine, Settings, ondemand_listen, pattern_backends
 from spoa.haproxy.runtime import RuntimeAPI
+from spoa.haproxy.table import write_atomically
 from spoa.haproxy.template import ondemand_map
 from spoa.protocol import Message, Scope, encode_set_var
 
@@ -234,9 +234,7 @@ class OnDemand:
     def _write_map(self) -> None:
         lines = "".join(f"{host} {backend.name}\n" for host, backend in sorted(self.hosts.items())
                         if backend.host == host and backend.published)
-        tmp = f"{self.map_path}.tmp"
-        Path(tmp).write_text(lines, encoding="utf-8")
-        os.replace(tmp, self.map_path)
+        write_atomically(self.map_path, lines.encode())
 
     async def adopt(self) -> None:
         """At start: the services found before (the map file HAProxy loaded) keep their backends; a line

@@ -31,6 +31,7 @@ from spoa.config import (
 )
 from spoa.haproxy import template
 from spoa.haproxy.process import HAProxyError, HAProxyProcess, shipped_config, show_info
+from spoa.haproxy.table import write_atomically
 
 log = logging.getLogger("spoa.supervisor")
 
@@ -62,6 +63,10 @@ class Supervisor:
             env["ONDEMAND_MAP"] = template.ondemand_map(settings)
             env["ONDEMAND_ADDR"] = str(ondemand_listen(settings))
             extra.append(services_config)
+        if settings.trusted_proxies:
+            os.makedirs(settings.run_dir, exist_ok=True)
+            write_atomically(settings.trusted_proxies_file,
+                             "".join(f"{net}\n" for net in settings.trusted_proxies).encode())
         self.env = env
         self.haproxy = HAProxyProcess(env, config=str(self.config),
                                       binary=settings.haproxy_bin or None, extra=extra)

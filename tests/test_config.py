@@ -27,7 +27,7 @@ def test_seed_config_file_names_the_service(tmp_path: Path) -> None:
     seed.write_text("tasks.backend:80\n")
     s = load_settings({}, {"SWARM_CONFIG_FILE": str(seed)})
     assert s.service == ServiceSpec("tasks.backend", 80)
-    assert s.sticky_key == (KeySource("cookie", "SWARMID"), KeySource("src"))
+    assert s.sticky_key == (KeySource("cookie", "SWARMID"),)  # nothing that depends on the client's address
     assert s.refresh == 2.0
     assert s.listen == HostPort("127.0.0.1", 12345)
     assert s.issues_cookie
@@ -65,6 +65,12 @@ def test_srv_service() -> None:
         ({"LOG_FORMAT": "xml"}, "LOG_FORMAT"),
         ({"MAX_CONNECTIONS": "0"}, "MAX_CONNECTIONS"),
         ({"COOKIE_MAX_AGE": "soon"}, "COOKIE_MAX_AGE"),
+        ({"TRUSTED_PROXIES": "10.0.0.1/8"}, "TRUSTED_PROXIES"),
+        ({"TRUSTED_PROXIES": "10.0.0.0/8,proxy.example"}, "TRUSTED_PROXIES"),
+        ({"CLIENT_ADDRESS_FROM": "x-real-ip"}, "CLIENT_ADDRESS_FROM"),
+        ({"CLIENT_ADDRESS_FROM": ""}, "CLIENT_ADDRESS_FROM"),
+        ({"BALANCE": "roundrobin"}, "BALANCE"),
+        ({"BALANCE": "random(0)"}, "BALANCE"),
     ],
 )
 def test_bad_value_names_the_setting(env: dict[str, str], setting: str) -> None:
@@ -125,3 +131,15 @@ def test_weak_settings_are_warned_about_at_start() -> None:
     assert ["'change-me'" in w for w in warnings(COOKIE_SECRET="change-me")] == [True]
     (exposed,) = warnings(COOKIE_SECRET="s3cret", AGENT_LISTEN="0.0.0.0:12345")
     assert exposed.startswith("AGENT_LISTEN 0.0.0.0:12345 is not a loopback address")
+
+
+def test_trusted_proxies_reach_haproxy_as_a_list_file_and_flags() -> None:
+    s = load_settings({}, {"SWARM_SERVICE": "tasks.backend:80", "TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.7 fd00::/8",
+                           "CLIENT_ADDRESS_FROM": "proxy-protocol"})
+    assert s.trusted_proxies == ("10.0.0.0/8", "192.0.2.7/32", "fd00::/8")
+    env = s.haproxy_env()
+    assert env["TRUSTED_PROXIES_FILE"] == s.trusted_proxies_file
+    assert (env["PROXY_PROTOCOL"], env["FORWARDED_FOR"]) == ("1", "0")
+    nobody = load_settings({}, {"SWARM_SERVICE": "tasks.backend:80"}).haproxy_env()
+    assert "TRUSTED_PROXIES_FILE" not in nobody  # the shipped empty list
+    assert (nobody["PROXY_PROTOCOL"], nobody["FORWARDED_FOR"]) == ("0", "0")

@@ -98,7 +98,8 @@ def assert_load_held(summary: Summary, seconds: float) -> None:
 def stack() -> Iterator[Stack]:
     # DECIDE=agent: the SPOE path, where the agent is on the request path of every cookieless user.
     # With the table (the default) nobody waits for the agent: tests/test_table_degraded.py.
-    with Stack(n_slots=3, env={"DECIDE": "agent"}) as s:
+    # `src` in the chain: the agent decides the cookieless users by their address.
+    with Stack(n_slots=3, env={"DECIDE": "agent", "STICKY_KEY": "cookie:SWARMID,src"}) as s:
         yield s
 
 

@@ -125,8 +125,14 @@ def _moved_fraction(stack: Stack, crowd: list[User], change: list[int]) -> float
     return sum(before[n] != after[n] for n in before) / len(crowd)
 
 
-def test_source_ip_keys_move_about_one_nth(stack: Stack) -> None:
-    # Cookieless clients (a User that drops its cookies each time) are routed by source IP.
+def test_source_ip_keys_move_about_one_nth() -> None:
+    # With `src` in the chain, cookieless clients (a User that drops its cookies each time) are
+    # routed by their source address.
+    with Stack(n_slots=5, env={"STICKY_KEY": "cookie:SWARMID,src"}) as stack:
+        _source_ip_keys_move_about_one_nth(stack)
+
+
+def _source_ip_keys_move_about_one_nth(stack: Stack) -> None:
     stack.scale([0, 1, 2, 3])
     crowd = users(400, "src", network="127.3")
     for u in crowd:

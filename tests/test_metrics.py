@@ -390,7 +390,7 @@ def test_ring_rebuild_histogram_counts_rebuilds() -> None:
 
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[AgentView, MetricsServer]]:
-    agent = make_agent()
+    agent = make_agent(STICKY_KEY="cookie:SWARMID,src")
     server = MetricsServer(HostPort("127.0.0.1", 0), Metrics(agent), ready=agent.ready)
     await server.start()
     try:

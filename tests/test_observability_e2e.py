@@ -87,7 +87,7 @@ def test_every_request_is_one_decision_counted_by_its_key_source(three: Stack) -
     n = 60
     crowd = users(n, "first", network="127.3")
     decisions = three.metric("haproxy_swarm_decisions_total")
-    by_src = three.metric("haproxy_swarm_decisions_total", source="src")
+    by_new = three.metric("haproxy_swarm_decisions_total", source="new")
     by_cookie = three.metric("haproxy_swarm_decisions_total", source="cookie")
     issued = three.metric("haproxy_swarm_sticky_cookies_issued_total")
     notifies = three.metric("haproxy_swarm_spop_frames_total", type="notify")
@@ -96,8 +96,8 @@ def test_every_request_is_one_decision_counted_by_its_key_source(three: Stack) -
     first = {u.name: visit(three, u) for u in crowd}
     assert all("SWARMID" in u.cookies for u in crowd)
     assert three.metric("haproxy_swarm_decisions_total") - decisions == n
-    # The default key chain is `cookie:SWARMID,src`: a first visit is decided by the client address.
-    assert three.metric("haproxy_swarm_decisions_total", source="src") - by_src == n
+    # The default key chain is `cookie:SWARMID`: a first visit is placed by HAProxy, by load.
+    assert three.metric("haproxy_swarm_decisions_total", source="new") - by_new == n
     assert three.metric("haproxy_swarm_sticky_cookies_issued_total") - issued == n
     assert three.metric("haproxy_swarm_spop_frames_total", type="notify") == notifies  # the table decided
 

@@ -37,7 +37,7 @@ def route(router: Router, **args: Any) -> dict[str, Any]:
 
 
 def test_first_visit_by_source_ip_sets_the_cookie_then_the_cookie_decides() -> None:
-    router = Router(make_settings(), MEMBERS)
+    router = Router(make_settings(sticky_key="cookie:SWARMID,src"), MEMBERS)
     first = route(router, src=ipaddress.ip_address("192.0.2.7"))
     assert first["source"] == "src"
     member = next(m for m in MEMBERS if m.server_name == first["server"])
@@ -111,7 +111,7 @@ def test_scale_up_moves_no_cookie_session_and_new_members_get_new_sessions() -> 
 
 
 def test_cookie_of_a_gone_member_is_rerouted_and_reissued() -> None:
-    router = Router(make_settings(), MEMBERS)
+    router = Router(make_settings(sticky_key="cookie:SWARMID,src"), MEMBERS)
     gone = MEMBERS[0]
     router.update(MEMBERS[1:])
     answer = route(router, sticky=cookie_value(gone, "s3cret").encode(), src=ipaddress.ip_address("192.0.2.9"))

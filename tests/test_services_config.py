@@ -55,7 +55,7 @@ def test_three_services_each_with_their_own(tmp_path: Path) -> None:
     assert [one.listen for one in (shop, api, www)] == [HostPort("127.0.0.1", 12001 + n) for n in range(3)]
     # STICKY_KEY's sticky cookie becomes each service's own cookie; a line's key= replaces the chain
     assert shop.sticky_cookie == "SWARMID_shop"
-    assert shop.sticky_key == (KeySource("cookie", "SWARMID_shop"), KeySource("src"))
+    assert shop.sticky_key == (KeySource("cookie", "SWARMID_shop"),)
     assert api.sticky_key == (KeySource("header", "X-User"), KeySource("src"))
     assert www.sticky_cookie == "WWW" and www.sticky_key[0] == KeySource("cookie", "WWW")
     assert api.check_path == "/healthz" and shop.check_path == ""

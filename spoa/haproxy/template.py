@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spoa.config import Settings
+from spoa.haproxy.table import write_atomically
 
 _SECTION = re.compile(r"^(global|defaults|frontend|backend|listen|resolvers|peers|userlist|program|"
                       r"http-errors|ring|cache|mailers)\b(.*)$")
@@ -123,9 +124,7 @@ def write(rendered: Rendered, main: Settings, services: Sequence[Settings]) -> t
     map_path = os.path.join(main.run_dir, SERVICES_MAP)
     files = {config_path: rendered.config, map_path: rendered.services_map, **rendered.spoe}
     for path, text in files.items():
-        tmp = f"{path}.tmp"
-        Path(tmp).write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomically(path, text.encode())
     for one in services:
         for path in (one.cookie_map, one.slot_map, one.server_cookie_map, ondemand_map(main)):
             if not os.path.exists(path):

@@ -2,7 +2,8 @@
 
 Owns: a tiny keep-alive HTTP/1.1 server (`python -m spoa.local.backends --bind IP:PORT --name N`) and
 `Backend`, a handle that starts it as a child process, waits until it listens and stops it. Every
-response carries `X-Served-By: IP:PORT` and the body `NAME IP:PORT\\n`. Must not: be used in
+response carries `X-Served-By: IP:PORT` and the body `NAME IP:PORT\\n`; a request with `X-Echo: 1` also gets
+back the X-Forwarded-For and X-Real-IP headers it arrived with, as `X-Echo-X-Forwarded-For` etc. Must not: be used in
 production; it is a stand-in for the operator's application.
 """
 
@@ -34,6 +35,14 @@ class _HTTPServer(asyncio.Protocol):
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
 
+    def _echo(self, head: bytes) -> bytes:
+        """The response with the client-address headers the request carried, for tests that check
+        what a task receives (asked for with `X-Echo: 1`; other requests get the fixed response)."""
+        seen = [b"X-Echo-" + line for line in head.split(b"\r\n")[1:]
+                if line.lower().startswith((b"x-forwarded-for:", b"x-real-ip:"))]
+        status, _, rest = self.response.partition(b"\r\n")
+        return b"\r\n".join([status, *seen, rest])
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
@@ -58,7 +67,7 @@ class _HTTPServer(asyncio.Protocol):
                 line_end = lower.find(b"\r\n", idx)
                 length = int(lower[idx + 15: line_end if line_end >= 0 else None].strip() or 0)
                 self.buffer = self.buffer[length:]
-            out.append(self.response)
+            out.append(self._echo(head) if b"\r\nx-echo:" in lower else self.response)
             if b"connection: close" in lower or head.startswith(b"GET / HTTP/1.0"):
                 close = True
                 break
