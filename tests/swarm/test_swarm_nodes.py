@@ -39,8 +39,6 @@ BACKEND = f"{STACK}_backend"
 NETWORK = f"{STACK}_backend"
 FIRST_USERS = 24
 NEW_USERS = 24
-# What the test adds to docker-stack.yml (the file says why).
-OVERRIDES = ("tests/swarm/stacks/docker-stack.nodes.yml",)
 
 
 @dataclass
@@ -186,7 +184,7 @@ def test_three_nodes_scale_lose_a_node_and_bring_it_back(cluster: Cluster, reque
     for port in (8099, 8888):
         assert not answers("127.0.0.1", port), f"127.0.0.1:{port} is taken before the test; the stack publishes it"
     t0 = time.monotonic()
-    swarm.deploy(STACK, "docker-stack.yml", *OVERRIDES)
+    swarm.deploy(STACK, "docker-stack.yml")  # as shipped
     all_nodes = [HOST_ADDRESS] + [n.address for n in nodes.nodes]
     wait_for(lambda: {t.node for t in service_tasks(HAPROXY)} == set(all_nodes)
              and {t.node for t in service_tasks(BACKEND)} == set(all_nodes),
