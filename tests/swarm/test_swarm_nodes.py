@@ -283,9 +283,13 @@ def test_three_nodes_scale_lose_a_node_and_bring_it_back(cluster: Cluster, reque
           f"{settled - start:.1f} s; failed: {len(failed_lost_users)} of the lost tasks' "
           f"{len(lost_users)} users through the surviving replicas, {len(failed_others)} of the others; "
           f"{len(through_lost)} requests went to the lost replica, {sum(not r.ok for r in through_lost)} failed "
-          f"(slowest {max((r.latency for r in through_lost), default=0):.1f} s); "
+          f"(sent up to {max((r.t - start for r in through_lost), default=0):.2f} s after the kill, slowest "
+          f"{max((r.latency for r in through_lost), default=0):.1f} s); "
           f"{len(recookied)} of the lost tasks' users got a new cookie, "
           f"{min(recookied_at.values(), default=0):.1f}-{max(recookied_at.values(), default=0):.1f} s after the loss")
+    # The users re-read their replicas every 0.5 s: nothing is sent to the lost node after that.
+    check(all(r.t - start < 1.5 for r in through_lost), "lose a node: requests sent to the lost replica after "
+          f"the users dropped it {[r for r in through_lost if r.t - start >= 1.5][:5]}")
     check(not loss.users_moved, f"lose a node: users whose task stayed moved {loss.users_moved}")
     check(not failed_others, f"lose a node: failed requests of users whose task stayed {failed_others[:5]}")
     check(all(sum(r.user == u for r in failed_lost_users) <= 1 for u in lost_users),
