@@ -36,7 +36,7 @@ from pathlib import Path
 
 from swarmkit import DOCKER, docker, gwbridge_exists, wait_for
 
-__all__ = ["HOST_ADDRESS", "Node", "Nodes", "leftovers"]
+__all__ = ["HOST_ADDRESS", "Node", "Nodes", "clean", "leftovers"]
 
 PREFIX = "hsw"  # every namespace, link and cgroup this module makes starts with it
 SUBNET = "172.31.251"
@@ -221,7 +221,8 @@ class Nodes:
         """The switch, the machine's link and `count` node namespaces with their links, then each
         node's engine. Fails if any of it is already there (another run's, not ours to take)."""
         if left := leftovers():
-            raise AssertionError(f"state of another run is here; remove it first: {left}")
+            raise AssertionError("state of another run is here; remove it first (python3 tests/swarm/nodes.py): "
+                                 f"{left}")
         sh("ip", "netns", "add", SWITCH)
         sh("ip", "-n", SWITCH, "link", "add", "br0", "type", "bridge")
         sh("ip", "-n", SWITCH, "link", "set", "br0", "up")
@@ -311,3 +312,29 @@ def leftovers() -> list[str]:
     mounts = Path("/proc/self/mounts").read_text()
     left += [f"mount {line.split()[1]}" for line in mounts.splitlines() if str(RUN) in line]
     return left
+
+
+def clean() -> list[str]:
+    """Remove what a run that could not clean up (pytest itself killed) left of this module's: its
+    nodes' processes (by their cgroups), namespaces, link and cgroups. The machine's swarm is not
+    touched. Returns what is still there."""
+    for cgroup in CGROUP_ROOT.glob(f"{PREFIX}-*"):
+        if cgroup_pids(cgroup):
+            (cgroup / "cgroup.kill").write_text("1")
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda c=cgroup: not cgroup_pids(c), f"every process of {cgroup.name} gone",  # type: ignore[misc]
+                         30, 0.05)
+        remove_cgroup(cgroup)
+    for name in netns_list():
+        if name.startswith(PREFIX):
+            sh("ip", "netns", "del", name, check=False)
+    sh("ip", "link", "del", HOST_LINK, check=False)
+    return leftovers()
+
+
+if __name__ == "__main__":
+    # python3 tests/swarm/nodes.py: clear a crashed run's nodes (then `docker swarm leave --force`
+    # on the machine if its engine is still in the test's swarm).
+    left = clean()
+    print("\n".join(left) if left else "nothing of the test's nodes is left")
+    raise SystemExit(1 if left else 0)
