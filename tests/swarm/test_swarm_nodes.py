@@ -142,11 +142,11 @@ class Users:
         self.wanted = 0
         self.set_replicas(replicas)
         (out / "users").write_text("0")
+        self.log = open(out / "load.log", "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "tests" / "swarm" / "swarmload.py"), "--replicas-file", str(out / "replicas"),
              "--users-file", str(out / "users"), "--think", "0.5", "--out", str(out / "records.jsonl"),
-             "--stop-file", str(out / "stop"), "--duration", "420"], stdout=subprocess.DEVNULL,
-            stderr=open(out / "load.log", "wb"))  # noqa: SIM115 - the child holds it
+             "--stop-file", str(out / "stop"), "--duration", "420"], stdout=subprocess.DEVNULL, stderr=self.log)
 
     def set_replicas(self, replicas: list[str]) -> None:
         """What a load balancer in front would send to: the replicas its health check passes."""
@@ -174,6 +174,7 @@ class Users:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=10)
+        self.log.close()
 
 
 @pytest.mark.timeout(420)
