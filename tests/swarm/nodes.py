@@ -220,6 +220,8 @@ class Nodes:
     def create(self) -> None:
         """The switch, the machine's link and `count` node namespaces with their links, then each
         node's engine. Fails if any of it is already there (another run's, not ours to take)."""
+        if os.geteuid() != 0:
+            raise AssertionError("the extra Swarm nodes need root: network namespaces, mounts, cgroups, dockerd")
         if left := leftovers():
             raise AssertionError("state of another run is here; remove it first (python3 tests/swarm/nodes.py): "
                                  f"{left}")
