@@ -64,7 +64,8 @@ class Task:
 
 @dataclass
 class Swarm:
-    """A single-node swarm on 127.0.0.1, and what the test put on it."""
+    """A swarm (`start` makes a single-node one on 127.0.0.1 when the engine has none) and what the
+    test put on it."""
 
     created: bool = False
     made_gwbridge: bool = False  # `swarm init` made docker_gwbridge; `close` removes it after leaving
