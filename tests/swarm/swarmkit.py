@@ -64,9 +64,11 @@ class Task:
 
 @dataclass
 class Swarm:
-    """A single-node swarm on 127.0.0.1, and what the test put on it."""
+    """A swarm (`start` makes a single-node one on 127.0.0.1 when the engine has none) and what the
+    test put on it."""
 
     created: bool = False
+    made_gwbridge: bool = False  # `swarm init` made docker_gwbridge; `close` removes it after leaving
     stacks: list[str] = field(default_factory=list)
     configs: list[str] = field(default_factory=list)
     containers: list[str] = field(default_factory=list)
@@ -75,6 +77,7 @@ class Swarm:
         docker("version")  # fails with the reason when no daemon answers (run scripts/dockerd)
         state = docker("info", "--format", "{{.Swarm.LocalNodeState}}").strip()
         if state == "inactive":
+            self.made_gwbridge = not gwbridge_exists()
             docker("swarm", "init", "--advertise-addr", "127.0.0.1")
             self.created = True
         elif state != "active":
@@ -137,7 +140,16 @@ class Swarm:
             state = docker("info", "--format", "{{.Swarm.LocalNodeState}}").strip()
             if state != "inactive":
                 left.append(f"swarm still {state}")
+        if self.made_gwbridge:
+            docker("network", "rm", "docker_gwbridge", check=False)
+            if gwbridge_exists():
+                left.append("network docker_gwbridge")
         return left
+
+
+def gwbridge_exists() -> bool:
+    """docker_gwbridge: the bridge `swarm init` (or a join) makes and `swarm leave` keeps."""
+    return bool(docker("network", "ls", "-q", "--filter", "name=^docker_gwbridge$").strip())
 
 
 def tasks(service: str, network: str) -> list[Task]:

@@ -3,7 +3,9 @@
 Owns: a crowd of users, as many as the users file says (the test adds some after each change), each
 its own cookie jar, one request at a time, a fresh connection per request, sending GET / to the
 HAProxy replicas of a stack, and one JSON line per request in an output file. The replicas are the
-addresses Swarm's DNS gives for `tasks.<haproxy service>`, re-resolved every half second; a user
+addresses Swarm's DNS gives for `tasks.<haproxy service>` (from a container on the stack's network),
+or those a file lists (`--replicas-file`: each node's published port, run on the machine itself),
+read again every half second; a user
 alternates between them request by request, so two replicas each answer every user. A connection
 that is refused (a replica stopping, still in DNS) is retried at once on another replica, as a load
 balancer in front would; the record says so (`retried_from`). Must not: hide a failure (anything but
@@ -49,6 +51,21 @@ class Replicas:
         with self.lock:
             choices = [a for a in self.addresses if a != avoid] or list(self.addresses)
         return choices[n % len(choices)] if choices else None
+
+
+class ReplicasFile(Replicas):
+    """The HAProxy replicas' addresses from a file, one a line (the test rewrites it as nodes go
+    and come back, as a load balancer's health check in front would)."""
+
+    def refresh(self) -> None:
+        try:
+            with open(self.name, encoding="utf-8") as f:
+                addresses = sorted({line.strip() for line in f if line.strip()})
+        except OSError:
+            return  # keep the last answer
+        if addresses:
+            with self.lock:
+                self.addresses = addresses
 
 
 class Writer:
@@ -111,7 +128,9 @@ def user(name: str, replicas: Replicas, port: int, think: float, writer: Writer,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--replicas-dns", required=True, help="tasks.<haproxy service>")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--replicas-dns", help="tasks.<haproxy service>")
+    where.add_argument("--replicas-file", help="a file of replica addresses, one a line")
     parser.add_argument("--port", type=int, default=8099)
     parser.add_argument("--users-file", required=True, help="holds how many users there should be")
     parser.add_argument("--max-users", type=int, default=500)
@@ -121,7 +140,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=900.0)
     args = parser.parse_args()
 
-    replicas = Replicas(args.replicas_dns)
+    replicas = Replicas(args.replicas_dns) if args.replicas_dns else ReplicasFile(args.replicas_file)
     writer = Writer(args.out)
     stop = threading.Event()
     deadline = time.monotonic() + args.duration

@@ -46,6 +46,7 @@ BACKEND = f"{STACK}_backend"
 NETWORK = f"{STACK}_backend"
 CLIENT = "haproxy-swarm-test-client"
 NEW_USERS_PER_STEP = 12
+FIRST_VISITS = 60  # new users from one address over the old tool's backend scaled to 3 tasks
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,8 @@ def answers(port: int) -> bool:
 
 @pytest.mark.timeout(300)
 def test_the_old_tools_stack_file_runs_unchanged_but_the_publish_mode(swarm: Swarm) -> None:
-    """The seed's set-up as its users type it: the Swarm config, then the old tool's stack file."""
+    """The seed's set-up as its users type it: the Swarm config, then the old tool's stack file; its
+    new users, all from one address, are spread over the backend's tasks (issue 17, part 4)."""
     for port in (8099, 8888):
         assert not answers(port), f"127.0.0.1:{port} is taken before the test; the stack publishes it"
     swarm.create_config("my-config", "tasks.backend:80")
@@ -121,6 +123,28 @@ def test_the_old_tools_stack_file_runs_unchanged_but_the_publish_mode(swarm: Swa
     assert len(haproxy) == 1
     wait_for(lambda: tasks("oldtool_haproxy", "oldtool_default")[0].health == "healthy",
              "the image's HEALTHCHECK reports healthy", 60, 1.0)
+
+    # New users all from one address (the host-mode port's proxy: as behind the routing mesh or a
+    # NAT) spread over the tasks, and each comes back to its own.
+    scale("oldtool_backend", 3)
+    members = {t.ip for t in tasks("oldtool_backend", "oldtool_default")}
+    assert len(members) == 3
+    wait_for(lambda: {name for name, status in backend_servers(stats_csv(), "be_app").items() if status == "UP"}
+             == {server_name(ip) for ip in members}, "the stats page lists the 3 backend tasks UP", 90, 0.5)
+    first_visits: list[tuple[str, str]] = []  # each new user's cookie and task
+    for _ in range(FIRST_VISITS):
+        resp = get_local(8099)
+        served, set_cookie = resp.getheader("X-Served-By"), resp.getheader("Set-Cookie")
+        assert resp.status == 200 and served and set_cookie, f"a first visit: HTTP {resp.status}, {served}"
+        first_visits.append((set_cookie.split(";", 1)[0], served.rsplit(":", 1)[0]))
+    share = {ip: sum(task == ip for _, task in first_visits) for ip in members}
+    came_back = sum(get_local(8099, cookie=cookie).getheader("X-Served-By") == f"{task}:80"
+                    for cookie, task in first_visits)
+    print(f"old tool's stack file: {FIRST_VISITS} new users from one address over 3 tasks: "
+          f"{sorted(share.values())}; {came_back} of {FIRST_VISITS} came back to their task")
+    # Binomial(60, 1/3): 20 +- 3.7; fewer than 8 on a task is 1 in 2000 for a fair placement.
+    assert min(share.values()) >= 8, f"new users from one address are not spread over the tasks: {share}"
+    assert came_back == FIRST_VISITS, "every new user comes back to the task of its first visit"
     swarm.remove_stack("oldtool")
 
 
@@ -210,7 +234,12 @@ def test_shipped_stack_scales_survives_a_kill_and_a_rolling_restart(swarm: Swarm
         problems.extend(step_problems(step))
         check(step.new_users >= NEW_USERS_PER_STEP, f"{step.name}: only {step.new_users} new users")
         if replicas > len(before):
-            check(members - before <= step.new_users_tasks, f"{step.name}: new users did not reach every new task")
+            # First visits are placed by load (HAProxy's `balance`), not dealt round robin: 12 new users
+            # over 6 tasks may leave one task without any (measured: 5 of 6 in two of three runs),
+            # so the new tasks must take part, not each get a share (tests/test_first_visits.py does).
+            new_reached = len(step.new_users_tasks & (members - before))
+            print(f"{step.name}: new users reached {new_reached} of the {len(members - before)} new tasks")
+            check(new_reached > 0, f"{step.name}: no new user reached a new task ({step.new_users_tasks})")
 
     # docker kill one backend task: Swarm replaces it; no request fails once HAProxy marks it down.
     victim = tasks(BACKEND, NETWORK)[0]
