@@ -487,7 +487,7 @@ TARGET_LABELS = frozenset({"instance", "job"})
 
 
 def dashboard_queries() -> list[str]:
-    doc = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    doc = json.loads((REPO / "monitoring" / "grafana-dashboard.json").read_text())
     queries: list[str] = []
 
     def walk(node: Any) -> None:
@@ -560,7 +560,7 @@ def test_every_dashboard_query_names_only_metrics_the_agent_exports() -> None:
 
 
 def test_the_dashboard_is_a_grafana_dashboard() -> None:
-    doc = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    doc = json.loads((REPO / "monitoring" / "grafana-dashboard.json").read_text())
     assert doc["uid"] and doc["title"] and isinstance(doc["schemaVersion"], int)
     ids = [p["id"] for p in doc["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
