@@ -14,10 +14,10 @@ is decided by the agent (`agent_ms` a number) and re-issued; unset variables pri
 
 from __future__ import annotations
 
-import os
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from polling import wait_for
@@ -43,18 +43,23 @@ def stack() -> Iterator[Services]:
         yield s
 
 
-def log_line(stack: Services, marker: str) -> dict[str, str]:
-    """The routing fields of the one fe_main line whose request path holds `marker`."""
-    path = os.path.join(stack.run_dir, "haproxy.log")
+def logged(stack: Services, marker: str) -> str:
+    """HAProxy's one log line whose request holds `marker`, once it is written."""
+    path = Path(stack.run_dir, "haproxy.log")
     found: list[str] = []
 
-    def logged() -> bool:
-        with open(path, errors="replace") as f:
-            found[:] = [line.rstrip("\n") for line in f if marker in line]
+    def written() -> bool:
+        found[:] = [line for line in path.read_text(errors="replace").splitlines() if marker in line]
         return bool(found)
 
-    wait_for(logged, f"HAProxy logs the request {marker}", 10)
+    wait_for(written, f"HAProxy logs the request {marker}", 10)
     [line] = found
+    return line
+
+
+def log_line(stack: Services, marker: str) -> dict[str, str]:
+    """The routing fields of the one fe_main line whose request path holds `marker`."""
+    line = logged(stack, marker)
     match = ROUTING.match(line)
     assert match, f"not httplog + the routing fields: {line}"
     return match.groupdict() | {"line": line}
@@ -111,9 +116,7 @@ def test_the_httplog_fields_are_kept(stack: Services) -> None:
     """The stats frontend keeps plain `option httplog`: fe_main's line is that, plus the routing fields."""
     marker = f"/metrics?explain={uuid.uuid4().hex[:12]}"
     assert User("ops").get("127.0.0.1", stack.stats_port, marker).status == 200
-    path = os.path.join(stack.run_dir, "haproxy.log")
-    wait_for(lambda: marker in open(path, errors="replace").read(), "the stats request is logged", 10)
-    [stats] = [line.rstrip("\n") for line in open(path, errors="replace") if marker in line]
+    stats = logged(stack, marker)
     plain = re.match(HTTPLOG + "$", stats)
     assert plain and plain["frontend"] == "stats", stats
     user = User("shape", "127.8.0.4", headers={"Host": "shop.example.com"})
