@@ -28,7 +28,7 @@ import contextlib
 import ipaddress
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from spoa.agent import AgentServer
@@ -39,6 +39,7 @@ from spoa.haproxy import HAProxyWriter
 from spoa.haproxy.counters import COUNTS_TABLE, parse_counts, split_counts
 from spoa.haproxy.runtime import RuntimeAPI
 from spoa.haproxy.table import DecisionTable, TablePublisher
+from spoa.logs import ServiceLog
 from spoa.member import Member
 from spoa.metrics import Metrics, MetricsServer, ServicesMetrics
 from spoa.ondemand import OnDemand
@@ -51,22 +52,16 @@ log = logging.getLogger("spoa.app")
 HEALTH_INTERVAL = 0.5
 
 
-class _ServiceLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """The agent's log lines prefixed with the service's name (several services in one process)."""
-
-    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
-        return f"{self.extra['service'] if self.extra else ''}: {msg}", kwargs
-
-
 class Agent:
     def __init__(self, settings: Settings, *, serve_metrics: bool = True) -> None:
         """`serve_metrics=False`: one of several services; `Agents` serves the metrics of all."""
         self.settings = settings
-        self.log: logging.Logger | _ServiceLog = (
-            _ServiceLog(log, {"service": settings.service_name}) if settings.service_name else log)
+        # Its lines (the HAProxy writer's among them) and its discovery's carry the service's name.
+        self.log = ServiceLog(log, str(settings.service), settings.service_name)
         self.router = Router(settings)
         self.metrics = Metrics(self)
-        self.discovery = Discovery.from_settings(settings, observer=self.metrics)
+        self.discovery = Discovery.from_settings(settings, observer=self.metrics, logger=ServiceLog(
+            logging.getLogger("spoa.discovery"), str(settings.service), settings.service_name))
         self.writer = HAProxyWriter.from_settings(
             settings, cookie_value=self.router.cookie_value if settings.cookie_map_used else None,
             observer=self.metrics)

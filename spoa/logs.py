@@ -1,7 +1,7 @@
 """Logging set-up: one line per event that matters, as text or JSON (LOG_FORMAT=json).
 
-Owns: the formatters and `setup_logging`. Must not: be called on the per-request path; nothing
-there logs.
+Owns: the formatters, `setup_logging`, and `ServiceLog`, the adapter through which a service's
+discovery and HAProxy writer log. Must not: be called on the per-request path; nothing there logs.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import MutableMapping
+from typing import Any
 
 
 class JSONFormatter(logging.Formatter):
@@ -42,3 +44,18 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class ServiceLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """A service's log lines: prefixed with its name when one process has several (`shop: DNS ...`),
+    and, as structured fields (LOG_FORMAT=json), `service` (the target, as the metrics' `service`
+    label: `tasks.shop:8080`) and, with several services, `service_name`."""
+
+    def __init__(self, logger: logging.Logger, service: str, name: str = "") -> None:
+        fields = {"service": service} | ({"service_name": name} if name else {})
+        super().__init__(logger, fields)
+        self.prefix = f"{name}: " if name else ""
+
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        kwargs["extra"] = {**(self.extra or {}), **kwargs.get("extra", {})}
+        return f"{self.prefix}{msg}", kwargs

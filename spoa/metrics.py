@@ -62,6 +62,9 @@ PER_PROCESS = frozenset({PREFIX + "build_info"})
 # How long a scrape waits for counters read elsewhere (HAProxy's decisions) before answering.
 SCRAPE_READ_TIMEOUT = 1.0
 
+#: SPOP statuses whose protocol-error series exist from the start (see collect).
+ALWAYS_EXPORTED_ERRORS = frozenset({Status.TIMEOUT, Status.INVALID})
+
 _FRAME_LABELS = {FrameType.HAPROXY_HELLO: "haproxy-hello", FrameType.NOTIFY: "notify",
                  FrameType.HAPROXY_DISCONNECT: "haproxy-disconnect"}
 
@@ -391,8 +394,10 @@ class Metrics(AgentObserver):
         yield frames
         errors = CounterMetricFamily(PREFIX + "spop_protocol_errors", "SPOP connections closed for bad input, "
                                      "by the SPOP status code sent in AGENT-DISCONNECT.", labels=["status", "reason"])
-        for status, count in sorted(self.protocol_errors.items()):
-            errors.add_metric([str(int(status)), _status_name(status)], count)
+        # The two causes an operator sees (bad input, a peer that never finished a frame) always have
+        # a series, at 0 until they happen: a dashboard's rate() of them shows 0, not "no data".
+        for status in sorted(set(self.protocol_errors) | ALWAYS_EXPORTED_ERRORS):
+            errors.add_metric([str(int(status)), _status_name(status)], self.protocol_errors.get(status, 0))
         yield errors
         herr = CounterMetricFamily(PREFIX + "handler_errors", "NOTIFYs answered without a decision because "
                                    "the router failed.")

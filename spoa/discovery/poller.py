@@ -47,7 +47,7 @@ class Discovery:
         *,
         interval: float,
         observer: DiscoveryObserver | None = None,
-        logger: logging.Logger | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
         outage_log: OutageLog | None = None,
     ) -> None:
         if interval <= 0:
@@ -70,7 +70,7 @@ class Discovery:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, observer: DiscoveryObserver | None = None,
-                      logger: logging.Logger | None = None) -> Discovery:
+                      logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None) -> Discovery:
         return cls(Resolver.from_settings(settings), Membership(settings.member_grace),
                    interval=settings.refresh, observer=observer, logger=logger)
 
