@@ -33,7 +33,7 @@ from typing import Any
 
 from spoa.agent import AgentServer
 from spoa.agent.loop import install_signal_handlers
-from spoa.config import Settings, service_settings
+from spoa.config import KeySource, Settings, service_settings
 from spoa.discovery import Discovery
 from spoa.haproxy import HAProxyWriter
 from spoa.haproxy.counters import COUNTS_TABLE, parse_counts, split_counts
@@ -74,7 +74,10 @@ class Agent:
         # decision that issues the sticky cookie sets the cookie from (either DECIDE).
         self.api = RuntimeAPI(settings.admin_socket, observer=self.metrics)
         self.table: TablePublisher | None = None
-        slot_map = settings.slot_map if settings.decide == "table" else None
+        # No slot map when the chain is the sticky cookie alone: haproxy.cfg then never reads it
+        # (HAProxy has not loaded it, and `prepare map` would fail with "Unknown map identifier").
+        keyed = any(s != KeySource("cookie", settings.sticky_cookie) for s in settings.sticky_key)
+        slot_map = settings.slot_map if settings.decide == "table" and keyed else None
         cookie_map = settings.server_cookie_map if settings.issues_cookie else None
         if slot_map is not None or cookie_map is not None:
             self.table = TablePublisher(self.api, slot_map, cookie_map)

@@ -342,6 +342,9 @@ class Settings:
     https_bind: HostPort = HostPort("0.0.0.0", 8443)
     https_redirect: bool = False
     https_redirect_port: int = 443
+    http_timeout: float = 30.0
+    tunnel_timeout: float = 3600.0
+    hard_stop_after: float = 60.0
     # Not settings of their own: several services in SWARM_CONFIG_FILE (load_settings), and what
     # service_settings derives for each of them.
     services: tuple[ServiceLine, ...] = ()
@@ -432,6 +435,10 @@ class Settings:
             "HTTPS_BIND": str(self.https_bind),
             "HTTPS_REDIRECT": "1" if self.https_redirect else "0",
             "HTTPS_REDIRECT_PORT": str(self.https_redirect_port),
+            # Not the settings' own names: those hold seconds, HAProxy takes a time with its unit.
+            "HAPROXY_HTTP_TIMEOUT": _ms(self.http_timeout),
+            "HAPROXY_TUNNEL_TIMEOUT": _ms(self.tunnel_timeout),
+            "HAPROXY_HARD_STOP_AFTER": _ms(self.hard_stop_after),
             **self.chain_env(),
         }
         # The SPOE message has one slot per key kind; unused slots fetch a name nobody sends.
@@ -445,6 +452,11 @@ class Settings:
             elif source.kind == "param":
                 env["KEY_PARAM"] = source.name
         return env
+
+
+def _ms(seconds: float) -> str:
+    """Seconds as an HAProxy time (`timeout`, `hard-stop-after`): whole milliseconds."""
+    return f"{max(1, round(seconds * 1000))}ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -557,6 +569,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("https_redirect_port", "HTTPS_REDIRECT_PORT", "--https-redirect-port", parse_port,
            "the HTTPS port clients reach (the published port, not HTTPS_BIND's) that redirects name; "
            "443 is left out of the Location", "443"),
+    Option("http_timeout", "HTTP_TIMEOUT", "--http-timeout", parse_seconds,
+           "seconds a client or a task may stay silent within an HTTP request or response (HAProxy's "
+           "timeout client and server; a server-sent events stream needs a keep-alive more often)", "30"),
+    Option("tunnel_timeout", "TUNNEL_TIMEOUT", "--tunnel-timeout", parse_seconds,
+           "seconds an upgraded connection (WebSocket) may stay silent in both directions before HAProxy "
+           "closes it (timeout tunnel)", "3600"),
+    Option("hard_stop_after", "HARD_STOP_AFTER", "--hard-stop-after", parse_seconds,
+           "seconds the old HAProxy process of a reload keeps its open connections (WebSockets, streams) "
+           "before it closes them; clients reconnect to the same task by their cookie", "60"),
 )
 
 

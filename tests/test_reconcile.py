@@ -96,7 +96,8 @@ def test_new_member_is_added_in_maintenance_with_checks_then_health_enabled(r: R
     p = plan(r, {M1}, [template(1)])
     assert commands(p) == [
         "add server be_app/10.0.0.1_80 10.0.0.1:80 check inter 2000ms fastinter 250ms downinter 1000ms rise 2 fall 2"
-        " observe layer4 error-limit 1 on-error mark-down pool-max-conn -1 pool-purge-delay 5s",
+        " observe layer4 error-limit 1 on-error mark-down on-marked-down shutdown-sessions"
+        " pool-max-conn -1 pool-purge-delay 5s",
         "enable health be_app/10.0.0.1_80",
     ]
     assert p.pending == {M1} and not p.up

@@ -13,7 +13,8 @@ Rules, per server (every command targets the configured backend):
 - desired, absent just after HAProxy was reloaded (a new pid), and UP in the previous plan (at most
   `restore_window` before): added as below and enabled in the same step - not a starting task;
 - desired, absent: `add server <be>/<name> <addr> check inter .. fastinter .. downinter .. rise ..
-  fall .. observe layer4 error-limit 1 on-error mark-down pool-max-conn -1 pool-purge-delay 5s`,
+  fall .. observe layer4 error-limit 1 on-error mark-down on-marked-down shutdown-sessions
+  pool-max-conn -1 pool-purge-delay 5s`,
   then `enable health`. The server starts in
   maintenance with its checks running. The pool keywords are what a server from the config file
   gets by default; a dynamic server on 2.6 gets none of it (idle_lim 0 in `show servers conn`), so
@@ -73,6 +74,11 @@ POOL_KEYWORDS = "pool-max-conn -1 pool-purge-delay 5s"
 # at once (its checks then run at `fastinter` and bring it back if it answers), so every retry goes
 # to a server that has not failed yet.
 OBSERVE_KEYWORDS = "observe layer4 error-limit 1 on-error mark-down"
+
+# A server marked DOWN (failed checks, or the refused connection above) has its open sessions cut at
+# once: a WebSocket or a stream to a task that died or whose network is gone would otherwise stay
+# half-open until `timeout tunnel`, and its client would not reconnect (to a live task) until then.
+ON_DOWN_KEYWORDS = "on-marked-down shutdown-sessions"
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +252,8 @@ class Reconciler:
 
     def _add(self, member: Member) -> tuple[str, ...]:
         srv = self._srv(member.server_name)
-        return (f"add server {srv} {member.address} {self.checks.keywords()} {OBSERVE_KEYWORDS} {POOL_KEYWORDS}",
+        return (f"add server {srv} {member.address} {self.checks.keywords()} {OBSERVE_KEYWORDS} "
+                f"{ON_DOWN_KEYWORDS} {POOL_KEYWORDS}",
                 f"enable health {srv}")
 
     # ------------------------------------------------------------------ the plan
