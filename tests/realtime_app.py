@@ -148,8 +148,10 @@ def main() -> None:
 class RealtimeTask(Backend):
     """This app as one task (a child process), in place of spoa.local.backends' HTTP stand-in."""
 
-    ping_interval = 25.0
-    ping_timeout = 20.0
+    def __init__(self, ip: str, port: int, name: str, ping_interval: float = 25.0, ping_timeout: float = 20.0) -> None:
+        super().__init__(ip, port, name)
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
 
     def start(self, timeout: float = 10.0) -> RealtimeTask:
         if self.proc is not None and self.proc.poll() is None:

@@ -12,9 +12,9 @@ One run, phase after phase, while the clients exchange messages (every figure is
    visit that is a WebSocket upgrade gets its sticky cookie.
 2. Scale 3 -> 5: nobody is disconnected; new clients reach the new tasks.
 3. Scale 5 -> 3, the removed tasks frozen (SIGSTOP: a Swarm task whose network is gone answers and
-   closes nothing) with DRAIN_TIMEOUT at its default 30 s: only their clients are cut, by HAProxy
-   (the agent's servers are added with `on-marked-down shutdown-sessions`), and reconnect within a
-   few seconds onto a live task; nobody else is disturbed; 0 errors afterwards.
+   closes nothing) with DRAIN_TIMEOUT at its default 30 s: only their clients are cut (HAProxy's
+   health check marks the server DOWN, the agent cuts its sessions at its next step), and reconnect
+   within a few seconds onto a live task; nobody else is disturbed; 0 errors afterwards.
 4. Silence longer than the HTTP timeouts: HTTP_TIMEOUT is 5 s here (30 s by default) and nothing
    is sent for 12 s (no engine.io pings either: ping_interval 60 s): 0 disconnects, because
    TUNNEL_TIMEOUT governs a WebSocket. The SSE stream survives on its keep-alive comments, and a
@@ -259,8 +259,9 @@ def task_stats(tasks: list[RealtimeTask]) -> Counter[str]:
 @pytest.fixture
 def tasks() -> Iterator[list[RealtimeTask]]:
     port = free_port("127.0.0.2")
-    RealtimeTask.ping_interval, RealtimeTask.ping_timeout = 60.0, 30.0  # silence must be silence
-    made = [RealtimeTask(f"127.0.0.{i + 2}", port, name=f"task-{i + 1}") for i in range(5)]
+    # engine.io's pings every 60 s: the silence below must be silence.
+    made = [RealtimeTask(f"127.0.0.{i + 2}", port, f"task-{i + 1}", ping_interval=60, ping_timeout=30)
+            for i in range(5)]
     try:
         yield made
     finally:
@@ -303,7 +304,7 @@ async def test_socketio_websocket_and_sse_across_scale_events_silence_agent_deat
         print(line, flush=True)
 
     async def talk_loop(user: SioUser) -> None:
-        await asyncio.sleep(TALK_EVERY * (hash(user.tally.name) % 100) / 100)
+        await asyncio.sleep(TALK_EVERY * (int(user.tally.name.split("-")[1]) % 10) / 10)  # spread out
         while not stop.is_set():
             if talking.is_set():
                 await user.exchange()
