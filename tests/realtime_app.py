@@ -11,6 +11,10 @@
 - `/stats`: JSON counters (Socket.IO connects and disconnects, 400 answers on /socket.io/, WebSockets
   and streams opened) that the test reads from each task directly.
 
+With `--server websockets` the task is instead a plain WebSocket server of the `websockets` library
+(greets with the task's name and echoes, on any path; `/health` and `/stats` as above, answered from
+its `process_request` hook).
+
 A stand-in for an operator's app; never used in production.
 """
 
@@ -28,10 +32,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 import socketio
+import websockets.asyncio.server
 from aiohttp import WSMsgType, web
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
 
 from spoa.local.backends import Backend
 
@@ -120,6 +128,34 @@ def make_app(name: str, ping_interval: float, ping_timeout: float) -> web.Applic
     return app
 
 
+async def serve_websockets(host: str, port: int, name: str) -> None:
+    """The `websockets` library's own server: no pings of its own (the test's silence is silence)."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/health":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if request.path == "/stats":
+            return connection.respond(HTTPStatus.OK, json.dumps(dict(counts)))
+        return None
+
+    async def handler(ws: ServerConnection) -> None:
+        counts["ws_opened"] += 1
+        await ws.send(f"hello {name}")
+        async for message in ws:
+            await ws.send(f"{name} {message!s}")
+        counts["ws_closed"] += 1
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with websockets.asyncio.server.serve(handler, host, port, process_request=process_request,
+                                               ping_interval=None, reuse_address=True):
+        print(f"listening {host}:{port}", flush=True)
+        await stop.wait()
+
+
 async def serve(host: str, port: int, app: web.Application) -> None:
     runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
@@ -140,25 +176,32 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--ping-interval", type=float, default=25.0, help="engine.io's ping interval (s)")
     parser.add_argument("--ping-timeout", type=float, default=20.0, help="engine.io's ping timeout (s)")
+    parser.add_argument("--server", choices=("aiohttp", "websockets"), default="aiohttp")
     args = parser.parse_args()
     host, _, port = args.bind.rpartition(":")
-    asyncio.run(serve(host, int(port), make_app(args.name, args.ping_interval, args.ping_timeout)))
+    if args.server == "websockets":
+        asyncio.run(serve_websockets(host, int(port), args.name))
+    else:
+        asyncio.run(serve(host, int(port), make_app(args.name, args.ping_interval, args.ping_timeout)))
 
 
 class RealtimeTask(Backend):
     """This app as one task (a child process), in place of spoa.local.backends' HTTP stand-in."""
 
-    def __init__(self, ip: str, port: int, name: str, ping_interval: float = 25.0, ping_timeout: float = 20.0) -> None:
+    def __init__(self, ip: str, port: int, name: str, ping_interval: float = 25.0, ping_timeout: float = 20.0,
+                 server: str = "aiohttp") -> None:
         super().__init__(ip, port, name)
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        self.server = server
 
     def start(self, timeout: float = 10.0) -> RealtimeTask:
         if self.proc is not None and self.proc.poll() is None:
             return self
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--bind", self.address, "--name", self.name,
-             "--ping-interval", str(self.ping_interval), "--ping-timeout", str(self.ping_timeout)],
+             "--ping-interval", str(self.ping_interval), "--ping-timeout", str(self.ping_timeout),
+             "--server", self.server],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

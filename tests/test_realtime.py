@@ -23,6 +23,9 @@ One run, phase after phase, while the clients exchange messages (every figure is
    connect and upgrade.
 6. An HAProxy reload (SIGHUP to `run`): the old process closes its connections after HARD_STOP_AFTER
    (3 s here) and every client comes back to the same task by its cookie.
+
+A second, shorter run has the `websockets` library on both ends (the tasks are its server), and adds
+a task that dies but stays in DNS.
 """
 
 from __future__ import annotations
@@ -470,5 +473,115 @@ async def test_socketio_websocket_and_sse_across_scale_events_silence_agent_deat
         await asyncio.gather(*background, return_exceptions=True)
         await asyncio.gather(*(u.close() for u in sio_users), return_exceptions=True)
         await sse_session.close()
+        await loop.run_in_executor(None, stack.stop)
+        print("\n".join(figures))
+
+
+@pytest.fixture
+def ws_tasks() -> Iterator[list[RealtimeTask]]:
+    port = free_port("127.0.0.2")
+    made = [RealtimeTask(f"127.0.0.{i + 2}", port, f"task-{i + 1}", server="websockets") for i in range(4)]
+    try:
+        yield made
+    finally:
+        for task in made:
+            task.stop()
+
+
+async def test_plain_websockets_with_the_websockets_librarys_client_and_server(ws_tasks: list[RealtimeTask]) -> None:
+    """The `websockets` library on both ends (no pings of its own): the first upgrade gets the cookie;
+    scale 3 -> 4 disturbs nobody; silence longer than HTTP_TIMEOUT (3 s here) closes nothing; a reload
+    brings everybody back to their task after HARD_STOP_AFTER (2 s here); a task that dies but stays
+    in DNS (frozen) has its clients cut and back on live tasks within seconds, nobody else disturbed."""
+    http_timeout, hard_stop, silence = 3.0, 2.0, 6.0
+    env = {"STICKY_KEY": "cookie:SWARMID", "CHECK_PATH": "/health", "HTTP_TIMEOUT": str(http_timeout),
+           "HARD_STOP_AFTER": str(hard_stop), "DRAIN_TIMEOUT": "30"}
+    stack = Stack(tasks=ws_tasks, env=env)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, lambda: stack.start(members=(0, 1, 2)))
+    url = f"ws://127.0.0.1:{stack.traffic_port}/"
+    talking, stop = asyncio.Event(), asyncio.Event()
+    talking.set()
+    users: list[WsUser] = []
+    jobs: list[asyncio.Task[None]] = []
+    figures: list[str] = []
+
+    def report(line: str) -> None:
+        figures.append(line)
+        print(line, flush=True)
+
+    async def add(n: int) -> list[WsUser]:
+        new = [WsUser(f"ws-{len(users) + i}", url) for i in range(n)]
+        users.extend(new)
+        jobs.extend(asyncio.create_task(u.run(talking, stop)) for u in new)
+        await poll(lambda: all(len(u.tally.answers) >= 2 for u in new), f"{n} WebSockets answer", 15)
+        return new
+
+    try:
+        first = await add(24)
+        placed = Counter(u.conn_task for u in first)
+        report(f"connect: 24 WebSockets on {dict(sorted(placed.items()))}, cookie on the first upgrade "
+               f"{sum(u.cookie_on_first_upgrade for u in first)} of 24")
+        assert set(placed) == {"task-1", "task-2", "task-3"}, placed
+        assert all(u.cookie_on_first_upgrade and len(u.tally.connects) == 1 for u in first)
+
+        t1 = now()
+        await loop.run_in_executor(None, lambda: stack.scale((0, 1, 2, 3)))
+        new = await add(8)
+        up = summary(first, t1)
+        on_new = Counter(u.conn_task for u in new)
+        report(f"scale 3->4: {up}; 8 new on {dict(sorted(on_new.items()))}")
+        assert up["disconnects"] == 0 and up["lost"] == 0, up
+        assert on_new["task-4"] > 0, on_new
+
+        talking.clear()
+        t2 = now()
+        await asyncio.sleep(silence)
+        quiet = summary(users, t2)
+        talking.set()
+        t3 = now()
+        await poll(lambda: all(u.tally.answers[-1][0] > t3 for u in users), "everybody answers after the silence")
+        report(f"silence {silence:.0f}s (HTTP_TIMEOUT {http_timeout:.0f}s): disconnects {quiet['disconnects']} "
+               f"of {len(users)}")
+        assert quiet["disconnects"] == 0, quiet
+
+        before = {u.tally.name: u.conn_task for u in users}
+        assert stack.proc is not None
+        t4 = now()
+        os.kill(stack.proc.pid, signal.SIGHUP)
+        await poll(lambda: now() - t4 > hard_stop + 1 and all(
+            u.tally.connects[-1] > t4 and u.tally.answers[-1][0] > u.tally.connects[-1] for u in users
+            if any(x > t4 for x in u.tally.disconnects)), "everybody the reload cut is back", hard_stop + 15)
+        cut = [u for u in users if any(x > t4 for x in u.tally.disconnects)]
+        back = [min(x for x in u.tally.connects if x > t4) - t4 for u in cut]
+        same = sum(u.conn_task == before[u.tally.name] for u in users)
+        report(f"reload (HARD_STOP_AFTER {hard_stop:.0f}s): {len(cut)} of {len(users)} cut, back after "
+               f"{min(back, default=0):.1f}-{max(back, default=0):.1f}s, on the same task {same}; "
+               f"{summary(users, t4)}")
+        assert max(back, default=0) <= hard_stop + 5, back
+        assert same == len(users)
+
+        hit = {u.tally.name for u in users if u.conn_task == "task-2"}
+        talking.clear()  # nobody waits for an answer: only a cut by HAProxy makes a client reconnect
+        t5 = now()
+        ws_tasks[1].freeze()  # dies, still in DNS: only HAProxy's health check sees it
+        await poll(lambda: all(any(x > t5 for x in u.tally.connects) and u.conn_task != "task-2"
+                               for u in users if u.tally.name in hit), "task-2's clients are back on live tasks", 20)
+        took = [min(x for x in u.tally.connects if x > t5) - t5 for u in users if u.tally.name in hit]
+        talking.set()
+        t6 = now()
+        await poll(lambda: all(u.tally.answers[-1][0] > t6 for u in users), "everybody answers again")
+        await asyncio.sleep(2 * TALK_EVERY)
+        others = summary([u for u in users if u.tally.name not in hit], t5)
+        report(f"task-2 frozen (still in DNS): its {len(hit)} clients back on a live task after "
+               f"{min(took):.1f}-{max(took):.1f}s; everybody else {others}")
+        assert max(took) < 12, took
+        assert others["disconnects"] == 0 and others["lost"] == 0, others
+        assert sum(u.tally.wrong for u in users) == 0
+    finally:
+        stop.set()
+        for job in jobs:
+            job.cancel()
+        await asyncio.gather(*jobs, return_exceptions=True)
         await loop.run_in_executor(None, stack.stop)
         print("\n".join(figures))
