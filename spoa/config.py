@@ -383,6 +383,9 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()
     client_address_from: tuple[str, ...] = ("x-forwarded-for",)
     balance: str = "leastconn"
+    http_timeout: float = 30.0
+    tunnel_timeout: float = 3600.0
+    hard_stop_after: float = 60.0
     # Not settings of their own: several services in SWARM_CONFIG_FILE (load_settings), and what
     # service_settings derives for each of them.
     services: tuple[ServiceLine, ...] = ()
@@ -493,6 +496,10 @@ class Settings:
             "FALLBACK_KEY": self.first_key_fetch,
             "PROXY_PROTOCOL": "1" if self.trusted_proxies and "proxy-protocol" in self.client_address_from else "0",
             "FORWARDED_FOR": "1" if self.trusted_proxies and "x-forwarded-for" in self.client_address_from else "0",
+            # Not the settings' own names: those hold seconds, HAProxy takes a time with its unit.
+            "HAPROXY_HTTP_TIMEOUT": _ms(self.http_timeout),
+            "HAPROXY_TUNNEL_TIMEOUT": _ms(self.tunnel_timeout),
+            "HAPROXY_HARD_STOP_AFTER": _ms(self.hard_stop_after),
             **self.chain_env(),
         }
         if self.trusted_proxies:
@@ -508,6 +515,11 @@ class Settings:
             elif source.kind == "param":
                 env["KEY_PARAM"] = source.name
         return env
+
+
+def _ms(seconds: float) -> str:
+    """Seconds as an HAProxy time (`timeout`, `hard-stop-after`): whole milliseconds."""
+    return f"{max(1, round(seconds * 1000))}ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -633,6 +645,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("balance", "BALANCE", "--balance", parse_balance,
            "how HAProxy places a first visit by load over the UP members: leastconn or random(2)",
            "leastconn"),
+    Option("http_timeout", "HTTP_TIMEOUT", "--http-timeout", parse_seconds,
+           "seconds a client or a task may stay silent within an HTTP request or response (HAProxy's "
+           "timeout client and server; a server-sent events stream needs a keep-alive more often)", "30"),
+    Option("tunnel_timeout", "TUNNEL_TIMEOUT", "--tunnel-timeout", parse_seconds,
+           "seconds an upgraded connection (WebSocket) may stay silent in both directions before HAProxy "
+           "closes it (timeout tunnel)", "3600"),
+    Option("hard_stop_after", "HARD_STOP_AFTER", "--hard-stop-after", parse_seconds,
+           "seconds the old HAProxy process of a reload keeps its open connections (WebSockets, streams) "
+           "before it closes them; clients reconnect to the same task by their cookie", "60"),
 )
 
 

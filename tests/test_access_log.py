@@ -1,7 +1,8 @@
 """Explaining one request: HAProxy's access log line says how the request was routed.
 
 fe_main's `log-format` (haproxy.cfg) is `option httplog`'s fields followed by
-`client=<client address> service=<backend> key=<key source> decided=<server> cookie=<issued cookie> agent_ms=<SPOE time>`.
+`client=<client address> service=<backend> key=<key source> decided=<server> cookie=<issued cookie>
+agent_ms=<SPOE time>`.
 Real HAProxy (HAPROXY_BIN: 2.6 and 3.4), `haproxy-swarm run` with two services (one keyed by a
 header), real dnsmasq and backends; the lines are read from HAProxy's log (HAPROXY_LOG_LEVEL=info).
 
@@ -33,8 +34,8 @@ SERVICES = [("shop", "shop.example.com", ""), ("api", "api.example.com", "key=he
 HTTPLOG = (r'<\d+>(?P<client>\S+):\d+ \[[^\]]+\] (?P<frontend>\S+) (?P<backend>\S+)/(?P<server>\S+) '
            r'-?\d+/-?\d+/-?\d+/-?\d+/\+?-?\d+ (?P<status>\d{3}) \d+ \S+ \S+ \S{4} '
            r'\d+/\d+/\d+/\d+/\+?\d+ \d+/\d+ "(?P<request>[^"]*)"')
-ROUTING = re.compile(HTTPLOG + r' client=(?P<real_client>\S+) service=(?P<service>\S+) key=(?P<key>\S+) decided=(?P<decided>\S+) '
-                     r'cookie=(?P<cookie>\S+) agent_ms=(?P<agent_ms>\S+)$')
+ROUTING = re.compile(HTTPLOG + r' client=(?P<real_client>\S+) service=(?P<service>\S+) key=(?P<key>\S+) '
+                     r'decided=(?P<decided>\S+) cookie=(?P<cookie>\S+) agent_ms=(?P<agent_ms>\S+)$')
 
 
 @pytest.fixture(scope="module")

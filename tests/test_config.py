@@ -71,6 +71,10 @@ def test_srv_service() -> None:
         ({"CLIENT_ADDRESS_FROM": ""}, "CLIENT_ADDRESS_FROM"),
         ({"BALANCE": "roundrobin"}, "BALANCE"),
         ({"BALANCE": "random(0)"}, "BALANCE"),
+        ({"TUNNEL_TIMEOUT": "1h"}, "TUNNEL_TIMEOUT"),
+        ({"TUNNEL_TIMEOUT": "0"}, "TUNNEL_TIMEOUT"),
+        ({"HTTP_TIMEOUT": "-5"}, "HTTP_TIMEOUT"),
+        ({"HARD_STOP_AFTER": "never"}, "HARD_STOP_AFTER"),
     ],
 )
 def test_bad_value_names_the_setting(env: dict[str, str], setting: str) -> None:
@@ -79,6 +83,14 @@ def test_bad_value_names_the_setting(env: dict[str, str], setting: str) -> None:
         load_settings({}, env)
     assert setting in str(err.value)
     assert repr(env[setting]) in str(err.value)
+
+
+def test_timeouts_reach_haproxy_in_milliseconds() -> None:
+    env = load_settings({}, {"SWARM_SERVICE": "tasks.x:80"}).haproxy_env()
+    assert (env["HAPROXY_HTTP_TIMEOUT"], env["HAPROXY_TUNNEL_TIMEOUT"], env["HAPROXY_HARD_STOP_AFTER"]) == (
+        "30000ms", "3600000ms", "60000ms")
+    env = load_settings({"tunnel_timeout": "90.5"}, {"SWARM_SERVICE": "tasks.x:80", "HTTP_TIMEOUT": "5"}).haproxy_env()
+    assert (env["HAPROXY_HTTP_TIMEOUT"], env["HAPROXY_TUNNEL_TIMEOUT"]) == ("5000ms", "90500ms")
 
 
 def test_missing_seed_file_is_a_clear_error(tmp_path: Path) -> None:

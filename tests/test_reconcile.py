@@ -299,9 +299,29 @@ def test_a_health_view_older_than_the_restore_window_is_not_restored(r: Reconcil
     assert plan(r, {M1}, [template(1)], now=100 + r.restore_window, pid=300).actions[0].becomes_up
 
 
-def test_sessions_are_only_needed_while_removing(r: Reconciler) -> None:
+def test_sessions_are_only_needed_while_removing_or_down(r: Reconciler) -> None:
     assert not r.wants_sessions(frozenset({M1}), [up(M1), template(1)])
     assert r.wants_sessions(frozenset({M1}), [up(M1), up(M2)])
+    assert r.wants_sessions(frozenset({M1}), [down(M1)])
+    assert not r.wants_sessions(frozenset({M1}), [fresh(M1)])  # in maintenance: not marked DOWN
+
+
+def test_a_member_marked_down_has_its_sessions_cut(r: Reconciler) -> None:
+    """A WebSocket to a task that died must not wait for `timeout tunnel`: its client reconnects."""
+    assert plan(r, {M1}, [up(M1)], now=0, sessions={M1.server_name: 4}).actions == ()
+    p = plan(r, {M1}, [down(M1)], now=1, sessions={M1.server_name: 4})
+    assert commands(p) == ["shutdown sessions server be_app/10.0.0.1_80"]
+    assert kinds(p) == {M1.server_name: ActionKind.CUT} and p.down == {M1}
+    assert plan(r, {M1}, [down(M1)], now=2, sessions={M1.server_name: 0}).actions == ()
+
+
+def test_a_removed_member_marked_down_has_its_sessions_cut_before_the_drain_timeout(r: Reconciler) -> None:
+    dead = replace(draining(M1), op_state=OpState.STOPPED)
+    assert plan(r, set(), [draining(M1)], now=0, sessions={M1.server_name: 2}).actions == ()
+    p = plan(r, set(), [dead], now=1, sessions={M1.server_name: 2})
+    assert commands(p) == ["shutdown sessions server be_app/10.0.0.1_80"]
+    assert commands(plan(r, set(), [dead], now=1.5, sessions={})) == [
+        "disable server be_app/10.0.0.1_80", "del server be_app/10.0.0.1_80"]
 
 
 def test_invalid_settings_are_refused() -> None:

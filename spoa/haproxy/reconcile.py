@@ -35,6 +35,14 @@ Rules, per server (every command targets the configured backend):
   of 1,180 failed after 6 s on scale 6 -> 2 without this). Not when every desired member is missing
   (a service scaled to 0, a DNS answer that lists none): then nothing would be left to balance to;
 - desired, address differs from the name: deleted and re-added (`repaired`);
+- desired or removed, enabled, marked DOWN by HAProxy (its checks, or the refused connection that
+  `observe` counts), with sessions left: `shutdown sessions server` (`cut`). A WebSocket or a stream
+  to a task that died or whose network is gone would otherwise stay half-open until `timeout
+  tunnel` (or `drain_timeout`), and its client would not reconnect to a live task until then. The
+  agent does it at its next step, not HAProxy's `on-marked-down shutdown-sessions`: that one fires
+  inside the request whose refused connection marked the server DOWN and kills it too, where the
+  retry would have redispatched it (measured on 2.6: 1-2 requests failed at the chaos test's
+  scale-down in 2 of 3 runs with it, none without);
 - not desired, serving: `set server ... state drain` (no new sessions from load balancing; the agent
   stops choosing it and its cookie entry goes first);
 - not desired, draining or in maintenance: once it has no sessions left (and has drained for at least
@@ -152,6 +160,11 @@ def _same_address(server: ServerState, member: Member) -> bool:
     return addr == member.ip and server.port == member.port
 
 
+def _marked_down(server: ServerState) -> bool:
+    """Enabled (not in maintenance) and DOWN by HAProxy's checks or `observe`."""
+    return not server.in_maintenance and server.op_state is OpState.STOPPED
+
+
 @dataclass(frozen=True, slots=True)
 class Observation:
     """What HAProxy reported at the start of a refresh."""
@@ -250,9 +263,10 @@ class Reconciler:
         return frozenset(held)
 
     def wants_sessions(self, desired: frozenset[Member], servers: Iterable[ServerState]) -> bool:
-        """True when the plan needs sessions per server: some owned server is being removed or re-created."""
+        """True when the plan needs sessions per server: some owned server is being removed or
+        re-created, or is marked DOWN (its sessions are cut)."""
         names = {m.server_name for m in desired}
-        return any(name not in names or (s.in_maintenance and s.checks_paused)
+        return any(name not in names or (s.in_maintenance and s.checks_paused) or _marked_down(s)
                    for name, s in self.owned(servers).items())
 
     # ------------------------------------------------------------------ commands
@@ -366,6 +380,9 @@ class Reconciler:
                 cmds += (f"enable health {srv}",)
             return Action(ActionKind.READY, name, cmds, member, becomes_up=healthy), "pending" if healthy else "down"
         state = "up" if server.is_up else "down"
+        if _marked_down(server) and sessions > 0:
+            return Action(ActionKind.CUT, name, (f"shutdown sessions server {srv}",), member,
+                          detail=f"marked DOWN, {sessions} sessions cut"), state
         if not server.checks_enabled:
             return Action(ActionKind.ENABLE_HEALTH, name, (f"enable health {srv}",), member), state
         if missing and server.weight != 0:
@@ -402,6 +419,9 @@ class Reconciler:
         if timed_out:
             return Action(ActionKind.CUT, name, (*disable, f"shutdown sessions server {srv}"),
                           detail=f"drain timeout, {sessions} sessions cut")
+        if _marked_down(server) and sessions > 0:
+            return Action(ActionKind.CUT, name, (f"shutdown sessions server {srv}",),
+                          detail=f"draining and marked DOWN, {sessions} sessions cut")
         return None
 
     def _retry_after(self, now: float) -> float | None:
