@@ -512,7 +512,6 @@ class Settings:
             "HTTPS_BIND": str(self.https_bind),
             "HTTPS_REDIRECT": "1" if self.https_redirect else "0",
             "HTTPS_REDIRECT_PORT": str(self.https_redirect_port),
-            "HTTPS": "1" if self.https else "0",
             "HSTS_MAX_AGE": str(self.hsts_max_age),
             **self.chain_env(),
         }

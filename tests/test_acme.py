@@ -22,6 +22,7 @@ The ACME tests need HAProxy's ACME client (3.4): on a HAProxy without it they ar
 from __future__ import annotations
 
 import http.client
+import io
 import os
 import shutil
 import socket
@@ -45,6 +46,7 @@ from spoa.haproxy.process import admin_command, haproxy_binary
 from spoa.local.dnsmasq import Dnsmasq, Hosts
 from spoa.local.ports import free_port
 from spoa.local.stack import Stack
+from spoa.status import main as status_main
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(150)]
 
@@ -380,6 +382,13 @@ def test_restart_reuses_certificates_without_ordering(replicas: Replicas) -> Non
         status = admin_command(again.socket, "acme status")
         assert status.count("\tStopped\t") == len(NAMES), status
         assert again.metric("haproxy_swarm_acme_renewals_total") == 0
+        out = io.StringIO()
+        assert status_main(f"http://127.0.0.1:{again.metrics_port}", again.socket, out=out, err=io.StringIO()) == 0
+        text = out.getvalue()
+        assert "certificates (this replica orders the ACME certificates)" in text, text
+        for name in NAMES:  # CERTIFICATE NAMES SOURCE EXPIRES(date time) IN RENEWED FAILED LOADED
+            row = next(line for line in text.splitlines() if f"@acme/{name}.pem" in line).split()
+            assert row[1:3] == [name, "acme"] and row[6:8] == ["0", "0"], row
         log = again.log_tail(20000)
         assert "ordering from" not in log
         assert "ACME_DIRECTORY (--acme-directory)" in log and "starting with the certificates in" in log
@@ -448,4 +457,8 @@ def test_tls_cert_file_replaced_without_reload(tmp_path: Path) -> None:
         assert handshake(https, "localhost", second.cert).subject == "localhost"  # verified by the new one
         assert stack.haproxy_info()["Pid"] == pid
         assert stack.metric("haproxy_swarm_certificate_updates_total") == 1
+        out = io.StringIO()
+        assert status_main(f"http://127.0.0.1:{stack.metrics_port}", stack.socket, out=out, err=io.StringIO()) == 0
+        row = next(line for line in out.getvalue().splitlines() if str(live) in line)
+        assert row.split()[1:3] == ["localhost", "file"] and row.split()[-1] == "1", row
         print(f"TLS_CERT replaced: served after {took:.2f}s, no reload")
