@@ -45,6 +45,7 @@ from spoa.acme import has_acme_client
 from spoa.haproxy.process import admin_command, haproxy_binary
 from spoa.local.dnsmasq import Dnsmasq, Hosts
 from spoa.local.ports import free_port
+from spoa.local.services import Services
 from spoa.local.stack import Stack
 from spoa.status import main as status_main
 
@@ -363,6 +364,32 @@ def test_ca_refusing_keeps_certificate_counts_and_retries(replicas: Replicas) ->
     root = r.root()  # the restarted CA's
     for port in (r.https_a, r.https_b):
         assert handshake(port, NAMES[1], root).subject == NAMES[1]
+
+
+@pytest.mark.acme
+def test_tls_acme_on_a_service_line(replicas: Replicas, tmp_path: Path) -> None:
+    """Several services (SWARM_CONFIG_FILE): the route's Host of a line marked `tls=acme` gets its
+    certificate; the other service is served over HTTPS too (by SNI: the certificate of its name)."""
+    r = replicas
+    services = Services([("shop", NAMES[0], "tls=acme"), ("web", None, "")], n_slots=2)
+    services.dns = NamesDnsmasq({name: ["127.0.0.1"] for name in (*NAMES, CA_NAME)})  # it starts and stops it
+    https = free_port()
+    services.extra_env = {"ACME_DIRECTORY": r.pebble.directory, "ACME_CA_FILE": r.pebble.ca,
+                          "ACME_DIR": str(tmp_path / "acme"), "ACME_RETRY": "2", "HTTPS_BIND": f"127.0.0.1:{https}"}
+    r.pebble.stop()
+    r.pebble.start(http_port=services.traffic_port)  # the CA validates on this instance
+    try:
+        with services:
+            wait_for(lambda: issued_by_pebble(services, https, NAMES[0]), "shop's certificate from Pebble",
+                     timeout=40, interval=0.2)
+            root = r.root()
+            assert handshake(https, NAMES[0], root).subject == NAMES[0]
+            status, served, _ = https_get(https, NAMES[0], root)
+            assert status == 200 and services.service_of(served) == "shop", served
+            assert services.metric("haproxy_swarm_acme_renewals_total") == 1
+    finally:
+        r.pebble.stop()
+        r.pebble.start()
 
 
 @pytest.mark.acme
