@@ -37,7 +37,7 @@ import subprocess
 import time
 from calendar import timegm
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -248,8 +248,6 @@ class Cert:
     backoff: float = 0.0
     renewing_since: float | None = None
     retry: bool = False  # an order failed: ordered again at next_attempt, due or not, until one succeeds
-    last_error: str = ""
-    errors: dict[str, int] = field(default_factory=dict)
 
 
 def parse_show_ssl_cert(text: str) -> dict[str, str]:
@@ -294,9 +292,11 @@ class Certificates:
         for name in settings.acme_names:
             self.certs.append(Cert(cert_ref(name), os.path.join(certs_dir(settings), f"{name}.pem"), (name,), "acme"))
         self.leader = False
-        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        # `run`'s pid (the agent's parent): an agent that `run` restarts keeps the lease.
+        self.holder = f"{socket.gethostname()}:{os.getppid()}"
         self.lease_path = os.path.join(settings.acme_dir, "leader")
         self._stopping = asyncio.Event()
+        self._last_problem = ""
 
     @classmethod
     def wanted(cls, settings: Settings) -> bool:
@@ -312,8 +312,12 @@ class Certificates:
         while not self._stopping.is_set():
             try:
                 await self.step()
-            except Exception:  # HAProxy not answering yet, a file being swapped: next time
-                log.debug("certificate step failed", exc_info=True)
+                self._last_problem = ""
+            except Exception as e:  # HAProxy not answering yet (a start, a reload), ACME_DIR not writable
+                problem = f"{e.__class__.__name__}: {e}"
+                if problem != self._last_problem:  # once per new problem, not every second
+                    log.warning("certificates: %s; trying again every %.0fs", problem, self.interval)
+                self._last_problem = problem
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=self.interval)
         if self.leader:
@@ -328,10 +332,12 @@ class Certificates:
         for cert in self.certs:
             await self._load_file(cert)
             await self._read(cert)
-        if acme and self.leader:
+        if acme:
+            # Every replica follows an order its HAProxy runs (an operator's `acme renew` too) and
+            # saves its result; only the lease holder starts orders of its own.
             states = acme_states(await self._cmd("acme status"))
             for cert in acme:
-                await self._order(cert, states.get(cert.ref, ""))
+                await self._order(cert, states.get(cert.ref, ""), may_order=self.leader)
 
     # ------------------------------------------------------------------ loading files
 
@@ -396,7 +402,7 @@ class Certificates:
         log.info("certificate %s: ordering from %s (names %s)", cert.ref, self.settings.acme_directory,
                  ",".join(cert.names))
 
-    async def _order(self, cert: Cert, state: str) -> None:
+    async def _order(self, cert: Cert, state: str, may_order: bool) -> None:
         now = time.monotonic()
         if cert.renewing_since is None and state == "Running":
             # Started by someone else (an operator's `acme renew`): follow it to its end.
@@ -413,7 +419,6 @@ class Certificates:
                 cert.retry = False
                 cert.backoff = 0.0
                 cert.next_attempt = 0.0
-                cert.last_error = ""
                 await self._save(cert)
                 log.info("certificate %s: renewed (serial %s), written to %s", cert.ref, cert.serial, cert.path)
             else:
@@ -421,12 +426,12 @@ class Certificates:
                 cert.retry = True
                 cert.backoff = min(RETRY_MAX, cert.backoff * 2 if cert.backoff else self.settings.acme_retry)
                 cert.next_attempt = now + cert.backoff
-                cert.last_error = "the order failed (HAProxy's log says why: 'acme:' lines)"
-                log.error("certificate %s: the order from %s failed (failure %d); the certificate served "
-                          "stays; retrying in %.0fs", cert.ref, self.settings.acme_directory, cert.failures,
-                          cert.backoff)
+                then = f"retrying in {cert.backoff:.0f}s" if may_order else "the replica holding the lease orders it"
+                log.error("certificate %s: the order from %s failed (failure %d; HAProxy's log says why, in its "
+                          "'acme:' lines); the certificate served stays; %s", cert.ref, self.settings.acme_directory,
+                          cert.failures, then)
             return
-        if now < cert.next_attempt:
+        if not may_order or now < cert.next_attempt:
             return
         if cert.retry or self.due(cert):
             await self.renew(cert)

@@ -386,7 +386,7 @@ def test_tls_acme_on_a_service_line(replicas: Replicas, tmp_path: Path) -> None:
             assert handshake(https, NAMES[0], root).subject == NAMES[0]
             status, served, _ = https_get(https, NAMES[0], root)
             assert status == 200 and services.service_of(served) == "shop", served
-            assert services.metric("haproxy_swarm_acme_renewals_total") == 1
+            wait_for(lambda: services.metric("haproxy_swarm_acme_renewals_total") == 1, "the order counted")
     finally:
         r.pebble.stop()
         r.pebble.start()
