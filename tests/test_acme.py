@@ -9,8 +9,9 @@ every validation also proves the challenge path is not redirected. Proven:
   replicas; Pebble issued one certificate per name, not one per replica; sticky routing over HTTPS;
 - a renewal forced through the runtime API under traffic: 0 failed requests, the new certificate
   served by both replicas (B loads it from ACME_DIR), HAProxy's pid unchanged and its uptime unbroken;
-- the CA refusing (its validation fails): the certificate served stays, the failure is logged and
-  counted, retries follow with back-off, and succeed once the CA validates again;
+- the CA down, then refusing (its validation fails): the certificate served stays, HAProxy retries
+  the CA by itself, the failure is logged and counted, retries follow with back-off, and succeed
+  once the CA validates again;
 - a restart with ACME_DIR and the CA down: the certificates are reused, nothing is ordered;
 - bad input stops `run` at start naming the setting (and on a HAProxy without an ACME client, the
   setting that asked for one), nothing left running;
@@ -336,22 +337,32 @@ def test_forced_renewal_under_traffic_no_failure_no_reload(replicas: Replicas) -
 
 
 @pytest.mark.acme
-def test_ca_refusing_keeps_certificate_counts_and_retries(replicas: Replicas) -> None:
+def test_ca_down_or_refusing_keeps_certificate_counts_and_retries(replicas: Replicas) -> None:
     r = replicas
     wait_for(lambda: issued_by_pebble(r.a, r.https_a, NAMES[1]), "a certificate from Pebble", timeout=40)
     served = handshake(r.https_a, NAMES[1], None).serial
     failures = r.a.metric("haproxy_swarm_acme_renewal_failures_total")
     renewals = r.a.metric("haproxy_swarm_acme_renewals_total")
-    # The CA validates on a port nothing listens on: every challenge fails.
+    haproxy_log = Path(r.a.run_dir, "haproxy.log")
+
+    def ca_retries() -> int:  # HAProxy's own: its ACME task could not read the directory
+        return sum(f"@acme/{NAMES[1]}.pem: invalid HTTP status code" in line and "when getting directory URL, "
+                   "retrying in" in line for line in haproxy_log.read_text(errors="replace").splitlines())
+
+    # The CA down: HAProxy's ACME task retries by itself (3 s, 9 s, ...), the certificate stays.
+    retries = ca_retries()
     r.pebble.stop()
-    r.pebble.start(http_port=free_port())
     admin_command(r.a.socket, f"acme renew @acme/{NAMES[1]}.pem")
+    wait_for(lambda: ca_retries() > retries, "HAProxy retrying the CA that is down", timeout=10)
+    assert handshake(r.https_a, NAMES[1], None).serial == served
+    # Back, but refusing: it validates on a port nothing listens on, every challenge fails.
+    r.pebble.start(http_port=free_port())
     wait_for(lambda: r.a.metric("haproxy_swarm_acme_renewal_failures_total") >= failures + 2,
              "a failure, then a failed retry, counted", timeout=40, interval=0.2)
     log = r.a.log_tail(20000)
     assert f"certificate @acme/{NAMES[1]}.pem: the order from {r.pebble.directory} failed" in log
     assert "retrying in 2s" in log and "retrying in 4s" in log, log[-3000:]
-    assert "challenge error" in Path(r.a.run_dir, "haproxy.log").read_text(errors="replace")
+    assert "challenge error" in haproxy_log.read_text(errors="replace")
     for port in (r.https_a, r.https_b):
         assert handshake(port, NAMES[1], None).serial == served  # the current certificate stays
     # The CA validates again: the next retry succeeds.
