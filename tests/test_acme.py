@@ -26,6 +26,7 @@ import http.client
 import io
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -427,6 +428,13 @@ def test_restart_reuses_certificates_without_ordering(replicas: Replicas) -> Non
         for name in NAMES:  # CERTIFICATE NAMES SOURCE EXPIRES(date time) IN RENEWED FAILED LOADED
             row = next(line for line in text.splitlines() if f"@acme/{name}.pem" in line).split()
             assert row[1:3] == [name, "acme"] and row[6:8] == ["0", "0"], row
+        # An operator's reload (SIGHUP to run): the new worker loads the certificates from ACME_DIR too.
+        assert again.proc is not None
+        worker = again.haproxy_info()["Pid"]
+        os.kill(again.proc.pid, signal.SIGHUP)
+        wait_for(lambda: again.haproxy_info().get("Pid") != worker, "a new HAProxy worker", timeout=15)
+        for name in NAMES:
+            assert handshake(https, name, None).serial == served[name]
         log = again.log_tail(20000)
         assert "ordering from" not in log
         assert "ACME_DIRECTORY (--acme-directory)" in log and "starting with the certificates in" in log
