@@ -25,7 +25,9 @@ RUN python3 -m venv /opt/haproxy-swarm \
     && rm -rf /src
 COPY haproxy.cfg spoe.conf ondemand.conf /etc/haproxy-swarm/
 COPY maps /etc/haproxy-swarm/maps
-RUN mkdir -p /var/run/haproxy-swarm && chown haproxy:haproxy /var/run/haproxy-swarm
+# ACME_DIR's default: a named volume mounted there starts as this directory, owned by uid 99.
+RUN mkdir -p /var/run/haproxy-swarm /var/lib/haproxy-swarm/acme \
+    && chown haproxy:haproxy /var/run/haproxy-swarm /var/lib/haproxy-swarm/acme
 # The build fails on a config this image's HAProxy rejects (defaults from the config's presetenv lines,
 # the same check as docs/verification.md's `haproxy -c`).
 RUN haproxy -c -f /etc/haproxy-swarm/haproxy.cfg
@@ -35,7 +37,7 @@ ENV PATH=/opt/haproxy-swarm/bin:$PATH \
     PYTHONUNBUFFERED=1
 
 USER 99:99
-# 8443: HTTPS, only when TLS_CERT names a certificate (docs/operator-guide.md, "HTTPS").
+# 8443: HTTPS, only when TLS_CERT names a certificate or ACME_DOMAINS names (docs/operator-guide.md, "HTTPS").
 EXPOSE 8099 8443 8888 9101
 HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
     CMD ["haproxy-swarm", "health"]

@@ -31,6 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from spoa.acme import Certificates
 from spoa.agent import AgentServer
 from spoa.agent.loop import install_signal_handlers
 from spoa.config import Settings, service_settings
@@ -80,6 +81,8 @@ class Agent:
                                   max_connections=settings.max_connections, observer=self.metrics)
         self.metrics_server = MetricsServer(settings.metrics_listen, self.metrics, ready=self.ready,
                                             before_scrape=self.read_haproxy_decisions) if serve_metrics else None
+        # TLS_CERT and ACME's certificates kept current in HAProxy (the process's, not a service's).
+        self.certificates = certificates(settings, self.metrics_server) if serve_metrics else None
         self._stopping = asyncio.Event()
 
     # ------------------------------------------------------------------ state
@@ -217,11 +220,15 @@ class Agent:
         remove = install_signal_handlers(self.stop)
         control = asyncio.create_task(self.control_loop(), name="control-loop")
         baseline = asyncio.create_task(first_reading(self.read_haproxy_decisions), name="decisions baseline")
+        certs = asyncio.create_task(self.certificates.run()) if self.certificates is not None else None
         try:
             await self.server.wait_closed()
         finally:
             remove()
             self._stopping.set()
+            if self.certificates is not None and certs is not None:
+                self.certificates.stop()
+                await certs
             baseline.cancel()
             control.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -250,6 +257,7 @@ class Agents:
                                        extra=[self.ondemand] if self.ondemand is not None else [])
         self.metrics_server = MetricsServer(settings.metrics_listen, self.metrics, ready=self.ready,
                                             before_scrape=self.read_haproxy_decisions)
+        self.certificates = certificates(settings, self.metrics_server)
         self._controls: dict[Agent, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
 
@@ -328,12 +336,16 @@ class Agents:
             raise
         remove = install_signal_handlers(self.stop)
         baseline = asyncio.create_task(first_reading(self.read_haproxy_decisions), name="decisions baseline")
+        certs = asyncio.create_task(self.certificates.run()) if self.certificates is not None else None
         try:
             await self._stopping.wait()
         finally:
             remove()
             baseline.cancel()
             self.stop()
+            if self.certificates is not None and certs is not None:
+                self.certificates.stop()
+                await certs
             if self.ondemand is not None:
                 await self.ondemand.close()
             for task in self._controls.values():
@@ -344,6 +356,16 @@ class Agents:
             await asyncio.gather(*(agent.server.wait_closed() for agent in (*self.agents, *self._found())))
             await self.metrics_server.close()
             log.info("agent stopped (%d services)", len(self.agents) + len(self._found()))
+
+
+def certificates(settings: Settings, server: MetricsServer | None) -> Certificates | None:
+    """The certificate task (spoa.acme) when there is a certificate to keep current, its metrics
+    served with the agent's."""
+    if server is None or not Certificates.wanted(settings):
+        return None
+    certs = Certificates(settings)
+    server.registry.register(certs)
+    return certs
 
 
 async def first_reading(read: Callable[[], Awaitable[None]], interval: float = HEALTH_INTERVAL) -> None:

@@ -116,6 +116,8 @@ class ServiceLine:
     # A pattern (`*.apps.example.com tasks.{1}:80`): the services it finds on demand at most; 0: a
     # service of its own. `service.name` then holds `{1}`, the label the Host has in the wildcard's place.
     on_demand: int = 0
+    # `tls=acme`: the route's Host gets a certificate from ACME_DIRECTORY (spoa.acme).
+    tls_acme: bool = False
 
     def service_for(self, label: str) -> ServiceSpec:
         """The service a pattern finds for the Host label `label` (`shop` -> `tasks.shop:80`)."""
@@ -323,6 +325,62 @@ def parse_tls_cert(text: str) -> str:
     return text
 
 
+# An ACME name: a DNS name of two labels or more (HTTP-01 cannot prove a wildcard or an address).
+_ACME_NAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@"
+                    r"([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$")
+LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
+LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
+
+
+def parse_acme_name(text: str) -> str:
+    name = text.strip().lower().rstrip(".")
+    if name.startswith("*."):
+        raise ValueError(f"{text!r} is a wildcard: HTTP-01 (the challenge HAProxy answers) cannot prove one")
+    if not _ACME_NAME.match(name):
+        raise ValueError(f"{text!r} is not a DNS name (labels of a-z, 0-9 and '-', two labels or more, no address)")
+    return name
+
+
+def parse_acme_names(text: str) -> tuple[str, ...]:
+    names: list[str] = []
+    for raw in text.split(","):
+        if not raw.strip():
+            continue
+        name = parse_acme_name(raw)
+        if name in names:
+            raise ValueError(f"{name!r} appears twice")
+        names.append(name)
+    return tuple(names)
+
+
+def parse_email(text: str) -> str:
+    text = text.strip()
+    if text and not _EMAIL.match(text):
+        raise ValueError(f"{text!r} is not an e-mail address (local@domain.tld)")
+    return text
+
+
+def parse_https_url(text: str) -> str:
+    text = text.strip()
+    match = re.match(r"^https://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?"
+                     r"(/[A-Za-z0-9._~!$&'()*+,;=:@/%-]*)?$", text)
+    if not match:
+        raise ValueError(f"expected an https:// URL (host, optional port and path, no spaces or quotes), got {text!r}")
+    return text
+
+
+def parse_file_or_empty(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return ""
+    if not text.startswith("/") or any(c.isspace() or c == '"' for c in text):
+        raise ValueError(f"expected an absolute path without spaces or quotes, got {text!r}")
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise ValueError(f"{text} is not a readable file")
+    return text
+
+
 def nameserver_from_resolv_conf(path: str = "/etc/resolv.conf") -> HostPort:
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -386,11 +444,33 @@ class Settings:
     http_timeout: float = 30.0
     tunnel_timeout: float = 3600.0
     hard_stop_after: float = 60.0
+    hsts_max_age: int = 0  # 0 → no Strict-Transport-Security
+    acme_domains: tuple[str, ...] = ()
+    acme_directory: str = LETS_ENCRYPT
+    acme_email: str = ""
+    acme_dir: str = "/var/lib/haproxy-swarm/acme"
+    acme_ca_file: str = ""  # "" → the system's CAs
+    acme_retry: float = 60.0
     # Not settings of their own: several services in SWARM_CONFIG_FILE (load_settings), and what
     # service_settings derives for each of them.
     services: tuple[ServiceLine, ...] = ()
     service_name: str = ""  # "" for the one service of the seed's set-up (be_app, maps without prefix)
     service_path: str = ""  # the route's path prefix: the sticky cookie's Path
+
+    @property
+    def acme_names(self) -> tuple[str, ...]:
+        """Every name that gets a certificate from ACME: ACME_DOMAINS, then the Hosts of the
+        service lines marked `tls=acme`, each once."""
+        names = list(self.acme_domains)
+        for line in self.services:
+            if line.tls_acme and line.route is not None and line.route.host not in names:
+                names.append(line.route.host)
+        return tuple(names)
+
+    @property
+    def https(self) -> bool:
+        """fe_main serves HTTPS: a certificate from TLS_CERT, from ACME, or both."""
+        return bool(self.tls_cert or self.acme_names)
 
     @property
     def admin_socket(self) -> str:
@@ -500,6 +580,7 @@ class Settings:
             "HAPROXY_HTTP_TIMEOUT": _ms(self.http_timeout),
             "HAPROXY_TUNNEL_TIMEOUT": _ms(self.tunnel_timeout),
             "HAPROXY_HARD_STOP_AFTER": _ms(self.hard_stop_after),
+            "HSTS_MAX_AGE": str(self.hsts_max_age),
             **self.chain_env(),
         }
         if self.trusted_proxies:
@@ -654,6 +735,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("hard_stop_after", "HARD_STOP_AFTER", "--hard-stop-after", parse_seconds,
            "seconds the old HAProxy process of a reload keeps its open connections (WebSockets, streams) "
            "before it closes them; clients reconnect to the same task by their cookie", "60"),
+    Option("hsts_max_age", "HSTS_MAX_AGE", "--hsts-max-age", parse_non_negative_int,
+           "seconds of Strict-Transport-Security sent on HTTPS answers; 0 = no header", "0"),
+    Option("acme_domains", "ACME_DOMAINS", "--acme-domains", parse_acme_names,
+           "DNS names that get a certificate from ACME (one each), comma-separated; with the Hosts of "
+           "service lines marked tls=acme. Needs HAProxy with its ACME client (3.4)", "(empty: none)"),
+    Option("acme_directory", "ACME_DIRECTORY", "--acme-directory", parse_https_url,
+           f"the ACME CA's directory URL; Let's Encrypt's staging CA: {LETS_ENCRYPT_STAGING}", LETS_ENCRYPT),
+    Option("acme_email", "ACME_EMAIL", "--acme-email", parse_email,
+           "contact e-mail of the ACME account", "(empty: none)"),
+    Option("acme_dir", "ACME_DIR", "--acme-dir", parse_path_or_empty,
+           "directory (a volume, shared by the replicas) of the account key, the certificates and the "
+           "ordering lease", "/var/lib/haproxy-swarm/acme"),
+    Option("acme_ca_file", "ACME_CA_FILE", "--acme-ca-file", parse_file_or_empty,
+           "CA bundle that verifies the ACME directory's HTTPS (a private CA)", "(empty: the system's CAs)"),
+    Option("acme_retry", "ACME_RETRY", "--acme-retry", parse_seconds,
+           "seconds before the first retry of a failed order; doubled on each failure, at most 1 hour",
+           "60"),
 )
 
 
@@ -668,7 +766,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _ROUTE_HOST = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]{0,62})(\.[a-z0-9]([a-z0-9-]{0,62}))*$")
 # No `%` (HAProxy's log-format, in the cookie's Path) and no `$` (its environment expansion).
 _ROUTE_PATH = re.compile(r"^(/[A-Za-z0-9._~!&'()*+,;=:@-]+)+$")
-LINE_OPTIONS = ("name", "key", "cookie", "check", "max")
+LINE_OPTIONS = ("name", "key", "cookie", "check", "max", "tls")
 # In a pattern's service name, the Host's label in the wildcard's place; what it may be (one DNS label).
 PATTERN_LABEL = "{1}"
 LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -779,7 +877,17 @@ def parse_service_line(number: int, text: str) -> ServiceLine:
             parse_path_or_empty(check)
         except ValueError as e:
             raise ValueError(f"check={check}: {e}") from None
-    return ServiceLine(number, route, service, name, chain, cookie, check, on_demand)
+    tls = options.get("tls")
+    if tls is not None:
+        if tls != "acme":
+            raise ValueError(f"tls={tls}: expected tls=acme")
+        if route is None or not route.host or route.host.startswith("*."):
+            raise ValueError("tls=acme needs a route with one exact Host (the name the certificate is for)")
+        try:
+            parse_acme_name(route.host)
+        except ValueError as e:
+            raise ValueError(f"tls=acme: {e}") from None
+    return ServiceLine(number, route, service, name, chain, cookie, check, on_demand, tls_acme=tls is not None)
 
 
 def parse_service_lines(lines: Sequence[tuple[int, str]], path: str) -> tuple[ServiceLine, ...]:
@@ -957,9 +1065,12 @@ def _check_consistency(s: Settings) -> None:
                     f"STICKY_KEY (--sticky-key): invalid value {','.join(map(str, s.sticky_key))!r}: with DECIDE=table "
                     f"HAProxy reads {source.name!r} in its config, where only letters, digits, '_', '.' and '-' "
                     "are safe; rename it or set DECIDE=agent")
-    if s.https_redirect and not s.tls_cert:
-        raise ConfigError("HTTPS_REDIRECT (--https-redirect) is on but TLS_CERT (--tls-cert) is empty: "
-                          "nothing would answer the HTTPS the redirects point to")
+    if s.https_redirect and not s.https and not s.service_name:  # (a service's own: the top level checked)
+        raise ConfigError("HTTPS_REDIRECT (--https-redirect) is on but TLS_CERT (--tls-cert) and ACME_DOMAINS "
+                          "(--acme-domains) are empty: nothing would answer the HTTPS the redirects point to")
+    if s.hsts_max_age and not s.https and not s.service_name:
+        raise ConfigError("HSTS_MAX_AGE (--hsts-max-age) is set but TLS_CERT (--tls-cert) and ACME_DOMAINS "
+                          "(--acme-domains) are empty: the header is sent on HTTPS answers only")
     if s.listen == s.metrics_listen:
         raise ConfigError(f"AGENT_LISTEN and METRICS_LISTEN are both {s.listen}")
 

@@ -87,6 +87,19 @@ class ServiceStatus:
 
 
 @dataclass
+class CertificateStatus:
+    """A certificate HAProxy serves that the agent keeps current (TLS_CERT, ACME; spoa.acme)."""
+
+    certificate: str  # its name in HAProxy (`@acme/<name>.pem`, or TLS_CERT's path)
+    names: str
+    source: str  # "acme" or "file"
+    expires: float  # Unix time
+    renewals: int | None = None  # ACME orders that gave a new certificate (None: not from ACME)
+    failures: int | None = None
+    updates: int = 0  # loaded from its file without a reload
+
+
+@dataclass
 class Status:
     metrics_url: str
     haproxy_socket: str
@@ -95,6 +108,8 @@ class Status:
     ready_reason: str = ""
     haproxy_version: str | None = None
     services: list[ServiceStatus] = field(default_factory=list)
+    certificates: list[CertificateStatus] = field(default_factory=list)
+    acme_leader: bool | None = None  # this replica orders the ACME certificates (None: no ACME)
     errors: list[str] = field(default_factory=list)
     time: float = 0.0
 
@@ -187,6 +202,24 @@ def services_from_metrics(samples: dict[str, list[tuple[dict[str, str], float]]]
     return services
 
 
+def certificates_from_metrics(samples: dict[str, list[tuple[dict[str, str], float]]]
+                              ) -> tuple[list[CertificateStatus], bool | None]:
+    def by_cert(name: str) -> dict[str, float]:
+        return {labels.get("certificate", ""): value for labels, value in samples.get(PREFIX + name, ())}
+
+    renewals, failures = by_cert("acme_renewals_total"), by_cert("acme_renewal_failures_total")
+    updates = by_cert("certificate_updates_total")
+    certs = []
+    for labels, value in samples.get(PREFIX + "certificate_expiry_timestamp_seconds", ()):
+        ref = labels.get("certificate", "")
+        acme = labels.get("source") == "acme"
+        certs.append(CertificateStatus(ref, labels.get("names", ""), labels.get("source", ""), value,
+                                       int(renewals.get(ref, 0)) if acme else None,
+                                       int(failures.get(ref, 0)) if acme else None, int(updates.get(ref, 0))))
+    leader = [value for _, value in samples.get(PREFIX + "acme_leader", ())]
+    return certs, (leader[0] == 1) if leader else None
+
+
 def server_name(member: str) -> str:
     """The HAProxy server name the agent gives a member (`10.0.1.5:80` → `10.0.1.5_80`)."""
     host, sep, port = member.rpartition(":")
@@ -273,6 +306,7 @@ def collect(metrics_url: str, haproxy_socket: str | None) -> Status:
         if not any(name.startswith(PREFIX) for name in samples):
             raise StatusError(f"{base}/metrics holds no haproxy_swarm_* metrics: is that the agent's metrics port?")
         status.services = services_from_metrics(samples)
+        status.certificates, status.acme_leader = certificates_from_metrics(samples)
         status.agent_version = next((labels.get("version") for labels, _ in samples.get(PREFIX + "build_info", ())),
                                     None)
         code, body = http_get(base + "/readyz")
@@ -349,6 +383,22 @@ def render(status: Status) -> str:
         lines.extend(f"  {reason}" for reason in reasons if len(reasons) > 1)  # several services, a line each
     if status.haproxy_version is not None:
         lines.append(f"HAProxy {status.haproxy_version} on {status.haproxy_socket}")
+    if status.certificates:
+        lines.append("")
+        role = {True: " (this replica orders the ACME certificates)",
+                False: " (another replica orders the ACME certificates; this one loads them)"}
+        lines.append("certificates" + role.get(status.acme_leader, "") if status.acme_leader is not None
+                     else "certificates")
+        rows = [["CERTIFICATE", "NAMES", "SOURCE", "EXPIRES (UTC)", "IN", "RENEWED", "FAILED", "LOADED"]]
+        for cert in sorted(status.certificates, key=lambda one: one.certificate):
+            rows.append([cert.certificate, cert.names or "-", cert.source,
+                         time.strftime("%Y-%m-%d %H:%M", time.gmtime(cert.expires)),
+                         f"{(cert.expires - now) / 86400:.1f}d" if cert.expires > now else "EXPIRED",
+                         "-" if cert.renewals is None else str(cert.renewals),
+                         "-" if cert.failures is None else str(cert.failures), str(cert.updates)])
+        lines.extend(_table(rows))
+        if any(cert.expires - now < 14 * 86400 for cert in status.certificates):
+            lines.append("  a certificate expires in less than 14 days: see the agent's log (docs/operator-guide.md)")
     for svc in status.services:
         lines.append("")
         name = "(unknown: the agent did not answer)" if svc.service == UNKNOWN else svc.service

@@ -9,6 +9,7 @@ processes. Must not: decide anything about routing or rewrite HAProxy's config.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 
+from spoa import acme
 from spoa.config import (
     ConfigError,
     HostPort,
@@ -104,6 +106,15 @@ class Supervisor:
                 return True
         except OSError:
             return False
+
+    def _prepare_acme(self) -> None:
+        """ACME (spoa.acme): this HAProxy has an ACME client, ACME_DIRECTORY answers, and the
+        `acme` section and crt-store are written, for HAProxy to read before haproxy.cfg."""
+        if not self.settings.acme_names:
+            return
+        first, crt_list = acme.prepare(self.settings, self.haproxy.binary, self.settings.run_dir)
+        self.haproxy.first = (first,)
+        self.haproxy.env["ACME_CRT_LIST"] = self.env["ACME_CRT_LIST"] = crt_list
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout
@@ -254,9 +265,21 @@ class Supervisor:
                 log.error("cannot start: %s %s: %s", name, address, problem)
                 return 1
         try:
-            self.haproxy.check()
+            self._prepare_acme()
+        except ConfigError as e:
+            log.error("cannot start: %s", e)
+            return 1
+        try:
+            with acme.key_lock(self.settings) if self.settings.acme_names else contextlib.nullcontext():
+                self.haproxy.check()  # (its first parse of the `acme` section writes the account key)
+                if self.settings.acme_names:
+                    self.haproxy.env["ACME_THUMBPRINT"] = self.env["ACME_THUMBPRINT"] = \
+                        acme.account_thumbprint(self.settings)
         except HAProxyError as e:
             log.error("HAProxy refuses the configuration %s:\n%s", self.haproxy.config, e)
+            return 1
+        except ConfigError as e:
+            log.error("cannot start: %s", e)
             return 1
         self._start_agent()
         try:
@@ -268,7 +291,7 @@ class Supervisor:
             return 1
         if self._stop_signal is None:
             info = show_info(self.haproxy.socket_path)
-            https = f", HTTPS on {self.settings.https_bind}" if self.settings.tls_cert else ""
+            https = f", HTTPS on {self.settings.https_bind}" if self.settings.https else ""
             log.info("ready: HAProxy %s (master pid %d), agent on %s, traffic on %s%s, stats on %s",
                      info.get("Version", "?"), self.haproxy.pid, self.settings.listen,
                      self.env.get("FRONTEND_BIND", "*:8099"), https, self.env.get("STATS_BIND", "*:8888"))

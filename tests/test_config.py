@@ -127,7 +127,8 @@ def test_every_setting_is_documented_and_every_haproxy_variable_has_a_default() 
     cfg = (ROOT / "haproxy.cfg").read_text() + (ROOT / "spoe.conf").read_text()
     used = set(re.findall(r"\$\{([A-Z0-9_]+)\}", cfg))
     preset = set(re.findall(r"^\s*presetenv\s+([A-Z0-9_]+)", cfg, re.M))
-    optional = {"CHECK_PATH", "TLS_CERT", "HAPROXY_MAXCONN", "HAPROXY_NBTHREAD"}  # guarded by `.if` in haproxy.cfg
+    optional = {"CHECK_PATH", "TLS_CERT", "HAPROXY_MAXCONN", "HAPROXY_NBTHREAD",  # guarded by `.if` in haproxy.cfg
+                "ACME_CRT_LIST", "ACME_THUMBPRINT"}
     assert used - preset - optional == set()
     s = load_settings({}, {"SWARM_SERVICE": "tasks.x:8080"})
     assert set(s.haproxy_env()) <= preset | optional

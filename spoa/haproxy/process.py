@@ -111,10 +111,13 @@ class HAProxyProcess:
     """`haproxy -W -db -f <config>` with `env` on top of this process's environment."""
 
     def __init__(self, env: Mapping[str, str], config: str | None = None,
-                 binary: str | None = None, log_path: str | None = None, extra: Sequence[str] = ()) -> None:
-        """`extra`: config files read after `config` (several services: their backends, spoa.haproxy.template)."""
+                 binary: str | None = None, log_path: str | None = None, extra: Sequence[str] = (),
+                 first: Sequence[str] = ()) -> None:
+        """`extra`: config files read after `config` (several services: their backends, spoa.haproxy.template);
+        `first`: read before it (ACME's crt-store, spoa.acme: declared before the bind that uses it)."""
         self.config = config or shipped_config()
         self.extra = tuple(extra)
+        self.first = tuple(first)
         self.env = dict(os.environ) | dict(env)
         self.binary = binary or self.env.get("HAPROXY_BIN") or haproxy_binary()
         self.socket_path = self.env.get("HAPROXY_SOCKET") or os.path.join(
@@ -175,7 +178,7 @@ class HAProxyProcess:
         raise HAProxyError(f"haproxy did not answer on {self.socket_path} within {timeout}s")
 
     def _config_args(self) -> list[str]:
-        return [arg for path in (self.config, *self.extra) for arg in ("-f", path)]
+        return [arg for path in (*self.first, self.config, *self.extra) for arg in ("-f", path)]
 
     def _tail(self) -> str:
         if os.path.exists(self.log_path):
