@@ -34,10 +34,15 @@ REQUIRED = {
     "5xx ratio": "HaproxySwarm5xxRatio",
     "cookies re-routed in a burst": "HaproxySwarmCookiesReroutedBurst",
     "on-demand look-ups refused": "HaproxySwarmOnDemandRefused",
+    "a certificate expires in < 14 days": "HaproxySwarmCertificateExpiresSoon",
 }
 # The families of spoa/ondemand.py's collector (a process with patterns only; not in busy_metrics).
 ONDEMAND_FAMILIES = {"haproxy_swarm_ondemand_lookups_total", "haproxy_swarm_ondemand_services",
                      "haproxy_swarm_ondemand_misses"}
+# The families of spoa/acme.py's collector (a process with certificates only; checked in tests/test_acme.py).
+CERTIFICATE_FAMILIES = {"haproxy_swarm_certificate_expiry_timestamp_seconds", "haproxy_swarm_acme_renewals_total",
+                        "haproxy_swarm_acme_renewal_failures_total", "haproxy_swarm_certificate_updates_total",
+                        "haproxy_swarm_acme_leader"}
 
 
 def promtool() -> str:
@@ -86,7 +91,7 @@ def test_every_required_situation_has_a_rule_and_every_rule_a_firing_test() -> N
 
 def test_every_rule_reads_metrics_that_are_exported() -> None:
     _, metrics = busy_metrics()
-    agent = set(scrape(metrics)) | ONDEMAND_FAMILIES
+    agent = set(scrape(metrics)) | ONDEMAND_FAMILIES | CERTIFICATE_FAMILIES
     for name, expr in rules().items():
         metric_names, _, _ = promql_names(expr)
         assert metric_names, name
