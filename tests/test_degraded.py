@@ -30,7 +30,6 @@ from collections.abc import Iterator
 import pytest
 from polling import wait_for
 
-from spoa.haproxy.process import process_alive
 from spoa.local.load import Load, Record, Summary
 from spoa.local.ports import free_port
 from spoa.local.stack import Stack
@@ -224,30 +223,13 @@ def test_agent_frozen_costs_no_request(healthy: Stack) -> None:
 
 
 def reload_and_measure(stack: Stack, how: str) -> tuple[float, float, float]:
-    """Reload HAProxy `how`; return (new worker, agent's servers written back, all UP) in seconds."""
-    old = stack.haproxy_info()["Pid"]
+    """Reload HAProxy `how`; return (new worker, agent's servers there, all UP) in seconds."""
     master = stack.haproxy_pid()
-    assert stack.proc is not None and master is not None
     start = time.monotonic()
-    if how == "SIGHUP to run":
-        stack.proc.send_signal(signal.SIGHUP)
-    else:
-        os.kill(master, signal.SIGUSR2)
-
-    def new_worker() -> bool:
-        try:
-            return stack.haproxy_info().get("Pid") not in (None, old)
-        except OSError:
-            return False
-
-    wait_for(new_worker, "a new HAProxy worker")
-    worker = time.monotonic() - start
-    # Until the old worker has exited it may still answer on the shared admin socket (with all the
-    # servers): what follows must be the new worker's view.
-    wait_for(lambda: not process_alive(int(old)), "the old HAProxy worker exits")
+    worker = stack.reload(how)
     want = stack.addresses([0, 1, 2])
     wait_for(lambda: {f"{r['srv_addr']}:{r['srv_port']}" for r in stack.servers()} == want,
-             "the agent writes its servers into the new worker")
+             "the new worker has the agent's servers")
     written = time.monotonic() - start
     stack.wait_up([0, 1, 2])
     up = time.monotonic() - start

@@ -11,14 +11,12 @@ rendered into the config, a reload put every user on HAProxy's DNS fallback for 
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Iterator
 
 import pytest
 from polling import wait_for
 
-from spoa.haproxy.process import process_alive
 from spoa.local.client import User, users
 from spoa.local.load import Load
 from spoa.local.services import ON_DEMAND, Services
@@ -44,23 +42,13 @@ def crowd() -> tuple[list[User], float]:
     return people, 60 / 120
 
 
-def reload(stack: Stack, how: str) -> None:
-    old = stack.haproxy_info()["Pid"]
-    master = stack.haproxy_pid()
-    assert stack.proc is not None and master is not None
-    if how == "SIGHUP to run":
-        stack.proc.send_signal(signal.SIGHUP)
-    else:
-        os.kill(master, signal.SIGUSR2)
-
-    def new_worker() -> bool:
-        try:
-            return stack.haproxy_info().get("Pid") not in (None, old)
-        except OSError:
-            return False
-
-    wait_for(new_worker, "a new HAProxy worker")
-    wait_for(lambda: not process_alive(int(old)), "the old HAProxy worker exits")
+def moved_users(load: Load, since: float) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
+    """(the tasks that served each user since `since`, the users served by more than one)."""
+    served: dict[str, set[str]] = {}
+    for r in load.records():
+        if r.t >= since and r.status == 200 and r.served_by is not None:
+            served.setdefault(r.user, set()).add(r.served_by)
+    return served, {user: sorted(tasks) for user, tasks in served.items() if len(tasks) > 1}
 
 
 @pytest.mark.parametrize("how", ["SIGHUP to run", "SIGUSR2 to the master"])
@@ -76,15 +64,11 @@ def test_a_reload_under_load_moves_nobody(stack: Stack, how: str) -> None:
         since = time.time()
         wait_for(lambda: os.path.getmtime(state) > since, "run saves the servers' states", timeout=5)
         t_settled = load.now()
-        reload(stack, how)
+        stack.reload(how)
         t_reloaded = load.now()
         wait_for(lambda: load.now() > t_reloaded + 2.0, "two seconds of load after the reload")
         summary = load.stop()
-    served: dict[str, set[str]] = {}
-    for r in load.records():
-        if r.t >= t_settled and r.status == 200 and r.served_by is not None:
-            served.setdefault(r.user, set()).add(r.served_by)
-    moved = {user: sorted(tasks) for user, tasks in served.items() if len(tasks) > 1}
+    served, moved = moved_users(load, t_settled)
     window = load.summary(t_settled, load.now())
     print(f"\n== reload ({how}) under load: {window}; users moved: {len(moved)}")
     assert summary.failed == 0, summary
@@ -114,15 +98,11 @@ def test_a_reload_moves_nobody_of_several_services_and_a_pattern() -> None:
         with Load("127.0.0.1", s.traffic_port, users=people, rate=RATE, duration=60, path="/api/x") as load:
             wait_for(lambda: all(u.cookies or "X-User" in u.headers for u in people), "every cookie user has one")
             t_settled = load.now()
-            reload(s, "SIGHUP to run")
+            s.reload("SIGHUP to run")
             t_reloaded = load.now()
             wait_for(lambda: load.now() > t_reloaded + 2.0, "two seconds of load after the reload")
             summary = load.stop()
-    served: dict[str, set[str]] = {}
-    for r in load.records():
-        if r.t >= t_settled and r.status == 200 and r.served_by is not None:
-            served.setdefault(r.user, set()).add(r.served_by)
-    moved = {user: sorted(tasks) for user, tasks in served.items() if len(tasks) > 1}
+    served, moved = moved_users(load, t_settled)
     print(f"\n== reload of several services and a pattern under load: {load.summary(t_settled, load.now())}; "
           f"users moved: {len(moved)}")
     assert summary.failed == 0, summary

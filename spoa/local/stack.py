@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Self
 
-from spoa.haproxy.process import admin_command, show_info
+from spoa.haproxy.process import admin_command, process_alive, show_info
 from spoa.local.backends import Backend
 from spoa.local.dnsmasq import Dnsmasq
 from spoa.local.ports import free_port
@@ -240,6 +240,31 @@ class Stack:
             time.sleep(0.05)
         raise TimeoutError(f"HAProxy shows {sorted(self.up())} UP, wanted {sorted(want)}; agent's /readyz: "
                            f"{self.readyz()}; log:\n{self.log_tail()}")
+
+    def reload(self, how: str = "SIGHUP to run", timeout: float = 15.0) -> float:
+        """Reload HAProxy as an operator does, `how`: "SIGHUP to run" or "SIGUSR2 to the master";
+        return the seconds until the new worker answered, after waiting for the old one to exit (until
+        then it may still answer on the shared admin socket, with its own view)."""
+        old = self.haproxy_info()["Pid"]
+        master = self.haproxy_pid()
+        assert self.proc is not None and master is not None, "not running"
+        start = time.monotonic()
+        if how == "SIGHUP to run":
+            self.proc.send_signal(signal.SIGHUP)
+        elif how == "SIGUSR2 to the master":
+            os.kill(master, signal.SIGUSR2)
+        else:
+            raise ValueError(f"no such way to reload: {how!r}")
+        worker: float | None = None
+        while time.monotonic() - start < timeout:
+            if worker is None:
+                with contextlib.suppress(OSError):
+                    if self.haproxy_info().get("Pid") not in (None, old):
+                        worker = time.monotonic() - start
+            if worker is not None and not process_alive(int(old)):
+                return worker
+            time.sleep(0.01)
+        raise TimeoutError(f"HAProxy did not reload ({how}) within {timeout}s")
 
     def agent_pid(self) -> int | None:
         """The pid of the agent `run` supervises now (None while it is being restarted)."""
