@@ -99,6 +99,13 @@ def server_lines(servers: Sequence[ServerState], checks: CheckSettings) -> str:
                    for _, member in owned_members(servers))
 
 
+def with_servers(section_text: str, lines: str) -> str:
+    """The section with the `server` lines right under its header: the stats page lists a backend's
+    servers in their config order, so the service's tasks come before its DNS fallback's slots."""
+    header, _, body = section_text.partition("\n")
+    return f"{header}\n{lines}{body}"
+
+
 @dataclass(frozen=True, slots=True)
 class Rendered:
     config: str  # services.cfg: every service's backend and agent backend
@@ -119,7 +126,7 @@ def render(config: str, spoe_conf: str, main: Settings, services: Sequence[Setti
     if not main.services:
         # The one service of a one-line file: the shipped names (be_app, be_agent, spoe.conf as it is).
         values = main.haproxy_env() | {"SERVICE_NAME": "-", "AGENT_BACKEND": "be_agent"}
-        out.append(substitute(backend, values) + server_lines(servers.get("be_app", ()), checks))
+        out.append(with_servers(substitute(backend, values), server_lines(servers.get("be_app", ()), checks)))
         out.append(substitute(section(config, "backend be_app_dns"), values))
         out.append(substitute(agent, values))
         return Rendered("\n".join(out), {}, "")
@@ -128,8 +135,8 @@ def render(config: str, spoe_conf: str, main: Settings, services: Sequence[Setti
         spoe_path = os.path.join(main.run_dir, f"{one.service_name}.spoe.conf")
         values = service_values(one, spoe_path, pattern=one in found)
         be, be_agent = backend_names(one)
-        out.append(substitute(backend, values).replace("backend be_app\n", f"backend {be}\n", 1)
-                   + server_lines(servers.get(be, ()), checks))
+        out.append(with_servers(substitute(backend, values).replace("backend be_app\n", f"backend {be}\n", 1),
+                                server_lines(servers.get(be, ()), checks)))
         out.append(substitute(agent, values).replace("backend be_agent\n", f"backend {be_agent}\n", 1))
         spoe[spoe_path] = substitute(spoe_conf, values)
     # HAProxy takes the first regular expression that matches: the most specific route first, the
