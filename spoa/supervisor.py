@@ -62,6 +62,8 @@ class Supervisor:
         # Each service's backend, rendered from the shipped be_app (spoa.haproxy.template) into
         # RUN_DIR, with the servers the agent holds whenever it is rendered again. SERVICES_MAP is in
         # HAProxy's environment from the start, so a reload keeps it.
+        self._template = self.config.read_text(encoding="utf-8"), (self.config.parent / "spoe.conf").read_text(
+            encoding="utf-8")
         self._rendered: str | None = None
         self._saved_state: str | None = None
         self._next_servers_save = 0.0
@@ -145,14 +147,13 @@ class Supervisor:
 
     def _render(self, settings: Settings, servers: Sequence[ServerState]) -> tuple[template.Rendered, list[Settings]]:
         """The services' backends from the shipped be_app, each listing its agent-owned `servers`."""
-        spoe = (self.config.parent / "spoe.conf").read_text(encoding="utf-8")
+        config, spoe = self._template
         services = list(service_settings(settings))
         found = [one for _, backends in pattern_backends(settings) for one in backends]
         by_backend: dict[str, list[ServerState]] = {}
         for server in servers:
             by_backend.setdefault(server.backend, []).append(server)
-        rendered = template.render(self.config.read_text(encoding="utf-8"), spoe, settings, services, found,
-                                   servers=by_backend)
+        rendered = template.render(config, spoe, settings, services, found, servers=by_backend)
         return rendered, [*services, *found]
 
     def _write_services(self, settings: Settings, servers: Sequence[ServerState] = ()) -> tuple[str, str]:
