@@ -26,10 +26,7 @@ import collections
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -41,7 +38,7 @@ from aiohttp import WSMsgType, web
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from spoa.local.backends import Backend
+from spoa.local.backends import Backend, spawn_listening
 
 
 def make_app(name: str, ping_interval: float, ping_timeout: float) -> web.Application:
@@ -198,24 +195,12 @@ class RealtimeTask(Backend):
     def start(self, timeout: float = 10.0) -> RealtimeTask:
         if self.proc is not None and self.proc.poll() is None:
             return self
-        self.proc = subprocess.Popen(
+        self.proc = spawn_listening(
             [sys.executable, __file__, "--bind", self.address, "--name", self.name,
              "--ping-interval", str(self.ping_interval), "--ping-timeout", str(self.ping_timeout),
              "--server", self.server],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                self.proc = None
-                raise RuntimeError(f"task {self.address} exited at start: {err.strip()[-500:]}")
-            try:
-                with socket.create_connection((self.ip, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise TimeoutError(f"task {self.address} did not listen within {timeout}s")
+            self.ip, self.port, f"task {self.address}", timeout)
+        return self
 
     def freeze(self) -> None:
         """SIGSTOP: the task answers nothing and closes nothing, as a Swarm task whose network is gone."""

@@ -98,6 +98,24 @@ def main(argv: list[str] | None = None) -> None:
     asyncio.run(_serve(hp.host, hp.port, args.name))
 
 
+def spawn_listening(argv: list[str], ip: str, port: int, what: str, timeout: float = 10.0) -> subprocess.Popen[bytes]:
+    """Start `argv` in its own session and return once it accepts connections on ip:port; raise
+    (naming `what`, with the end of its stderr) when it exits first or does not listen in time."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"{what} exited at start: {err.strip()[-500:]}")
+        try:
+            with socket.create_connection((ip, port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.02)
+    stop_process(proc)
+    raise TimeoutError(f"{what} did not listen within {timeout}s")
+
+
 class Backend:
     """One backend task as a child process. `start()` returns when it accepts connections."""
 
@@ -114,23 +132,10 @@ class Backend:
     def start(self, timeout: float = 10.0) -> Backend:
         if self.proc is not None and self.proc.poll() is None:
             return self
-        self.proc = subprocess.Popen(
+        self.proc = spawn_listening(
             [sys.executable, "-m", "spoa.local.backends", "--bind", self.address, "--name", self.name],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                self.proc = None
-                raise RuntimeError(f"backend {self.address} exited at start: {err.strip()[-500:]}")
-            try:
-                with socket.create_connection((self.ip, self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise TimeoutError(f"backend {self.address} did not listen within {timeout}s")
+            self.ip, self.port, f"backend {self.address}", timeout)
+        return self
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
