@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from spoa.haproxy.answers import AdminState, CheckResult, CheckState, MapEntry, OpState, ServerState
 from spoa.haproxy.reconcile import (
+    CUT_AFTER_DOWN,
     ActionKind,
     CheckSettings,
     Observation,
@@ -52,8 +53,10 @@ def up(m: Member) -> ServerState:
     return server(m, op=OpState.RUNNING, admin=AdminState(0), result=CheckResult.PASSED, health=3)
 
 
-def down(m: Member) -> ServerState:
-    return server(m, op=OpState.STOPPED, admin=AdminState(0), result=CheckResult.FAILED, health=0)
+def down(m: Member, since: int = CUT_AFTER_DOWN) -> ServerState:
+    """Marked DOWN by HAProxy `since` seconds ago (by default: long enough for its sessions to be cut)."""
+    return replace(server(m, op=OpState.STOPPED, admin=AdminState(0), result=CheckResult.FAILED, health=0),
+                   since_change=since)
 
 
 def draining(m: Member) -> ServerState:
@@ -309,14 +312,16 @@ def test_sessions_are_only_needed_while_removing_or_down(r: Reconciler) -> None:
 def test_a_member_marked_down_has_its_sessions_cut(r: Reconciler) -> None:
     """A WebSocket to a task that died must not wait for `timeout tunnel`: its client reconnects."""
     assert plan(r, {M1}, [up(M1)], now=0, sessions={M1.server_name: 4}).actions == ()
-    p = plan(r, {M1}, [down(M1)], now=1, sessions={M1.server_name: 4})
+    # Not at once: a request still waiting on its first connection (timeout connect) is redispatched.
+    assert plan(r, {M1}, [down(M1, since=1)], now=1, sessions={M1.server_name: 4}).actions == ()
+    p = plan(r, {M1}, [down(M1)], now=3, sessions={M1.server_name: 4})
     assert commands(p) == ["shutdown sessions server be_app/10.0.0.1_80"]
     assert kinds(p) == {M1.server_name: ActionKind.CUT} and p.down == {M1}
-    assert plan(r, {M1}, [down(M1)], now=2, sessions={M1.server_name: 0}).actions == ()
+    assert plan(r, {M1}, [down(M1)], now=4, sessions={M1.server_name: 0}).actions == ()
 
 
 def test_a_removed_member_marked_down_has_its_sessions_cut_before_the_drain_timeout(r: Reconciler) -> None:
-    dead = replace(draining(M1), op_state=OpState.STOPPED)
+    dead = replace(draining(M1), op_state=OpState.STOPPED, since_change=CUT_AFTER_DOWN)
     assert plan(r, set(), [draining(M1)], now=0, sessions={M1.server_name: 2}).actions == ()
     p = plan(r, set(), [dead], now=1, sessions={M1.server_name: 2})
     assert commands(p) == ["shutdown sessions server be_app/10.0.0.1_80"]
