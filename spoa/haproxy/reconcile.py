@@ -37,12 +37,12 @@ Rules, per server (every command targets the configured backend):
 - desired, address differs from the name: deleted and re-added (`repaired`);
 - desired or removed, enabled, marked DOWN by HAProxy (its checks, or the refused connection that
   `observe` counts) for CUT_AFTER_DOWN seconds, with sessions left: `shutdown sessions server`
-  (`cut`). A WebSocket or a stream to a task that died or whose network is gone would otherwise
-  stay half-open until `timeout tunnel` (or `drain_timeout`), and its client would not reconnect
-  to a live task until then. The agent does it at its next step, not HAProxy's `on-marked-down shutdown-sessions`: that one fires
-  inside the request whose refused connection marked the server DOWN and kills it too, where the
-  retry would have redispatched it (measured on 2.6: 1-2 requests failed at the chaos test's
-  scale-down in 2 of 3 runs with it, none without);
+  (`cut`). A WebSocket or a stream to a task that died or whose network is gone would otherwise stay
+  half-open until `timeout tunnel` (or `drain_timeout`), and its client would not reconnect to a
+  live task until then. The agent does it at its next step, not HAProxy's `on-marked-down
+  shutdown-sessions`: that one fires inside the request whose refused connection marked the server
+  DOWN and kills it too, where the retry would have redispatched it (measured on 2.6: 1-2 requests
+  failed at the chaos test's scale-down in 2 of 3 runs with it, none without);
 - not desired, serving: `set server ... state drain` (no new sessions from load balancing; the agent
   stops choosing it and its cookie entry goes first);
 - not desired, draining or in maintenance: once it has no sessions left (and has drained for at least
