@@ -146,15 +146,7 @@ class Supervisor:
     # ------------------------------------------------------------------ several services
 
     def _render(self, settings: Settings, servers: Sequence[ServerState]) -> tuple[template.Rendered, list[Settings]]:
-        """The services' backends from the shipped be_app, each listing its agent-owned `servers`."""
-        config, spoe = self._template
-        services = list(service_settings(settings))
-        found = [one for _, backends in pattern_backends(settings) for one in backends]
-        by_backend: dict[str, list[ServerState]] = {}
-        for server in servers:
-            by_backend.setdefault(server.backend, []).append(server)
-        rendered = template.render(config, spoe, settings, services, found, servers=by_backend)
-        return rendered, [*services, *found]
+        return render_services(*self._template, settings, servers)
 
     def _write_services(self, settings: Settings, servers: Sequence[ServerState] = ()) -> tuple[str, str]:
         """Render the services' backends, listing `servers` (what HAProxy holds) in each, and write them."""
@@ -382,13 +374,25 @@ def _cannot_listen(address: HostPort) -> str | None:
     return None
 
 
+def render_services(config: str, spoe: str, settings: Settings,
+                    servers: Sequence[ServerState] = ()) -> tuple[template.Rendered, list[Settings]]:
+    """The services' backends from the shipped template (`config`, `spoe`), each listing its
+    agent-owned `servers`; and the settings of every backend rendered (services, patterns' backends)."""
+    services = list(service_settings(settings))
+    found = [one for _, backends in pattern_backends(settings) for one in backends]
+    by_backend: dict[str, list[ServerState]] = {}
+    for server in servers:
+        by_backend.setdefault(server.backend, []).append(server)
+    rendered = template.render(config, spoe, settings, services, found, servers=by_backend)
+    return rendered, [*services, *found]
+
+
 def rendered_config(settings: Settings) -> str:
     """What `run` gives HAProxy after the shipped haproxy.cfg, as it renders it at start (no servers
     yet: the agent adds them; a later rendering lists them too)."""
     config = Path(settings.haproxy_config or shipped_config()).resolve()
-    spoe = (config.parent / "spoe.conf").read_text(encoding="utf-8")
-    found = [one for _, backends in pattern_backends(settings) for one in backends]
-    rendered = template.render(config.read_text(encoding="utf-8"), spoe, settings, service_settings(settings), found)
+    rendered, _ = render_services(config.read_text(encoding="utf-8"),
+                                  (config.parent / "spoe.conf").read_text(encoding="utf-8"), settings)
     path = os.path.join(settings.run_dir, template.SERVICES_CONFIG)
     return f"# haproxy -f {config} -f {path}\n# {path}:\n{rendered.config}"
 
